@@ -1,1 +1,6 @@
-//! Pipelines.
+//! The tcpcopy and intercept pipelines, assembled from engine parts, and what their command
+//! lines share. The binaries in `src/bin/` only parse flags into these configurations.
+
+pub mod cli;
+pub mod intercept;
+pub mod tcpcopy;

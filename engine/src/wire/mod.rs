@@ -12,6 +12,10 @@ pub mod ipv4;
 pub mod tcp;
 pub mod udp;
 
+pub use ethernet::EthernetFrame;
+pub use ipv4::Ipv4Packet;
+pub use tcp::{TcpFlags, TcpOption, TcpPacket, TcpRepr};
+pub use udp::UdpPacket;
 
 use std::fmt;
 

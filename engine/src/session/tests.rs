@@ -1,0 +1,403 @@
+//! Session engine tests on a virtual clock: packets in, packets out.
+
+use super::*;
+use crate::wire::tcp::{emit_ipv4_tcp, TcpRepr};
+use std::net::SocketAddrV4;
+
+#[derive(Debug, Default)]
+struct Rec {
+    sent: Vec<Vec<u8>>,
+    registered: Vec<FlowKey>,
+    unregistered: Vec<FlowKey>,
+}
+
+impl Output for Rec {
+    fn transmit(&mut self, packet: &[u8]) {
+        self.sent.push(packet.to_vec());
+    }
+    fn register(&mut self, key: FlowKey) {
+        self.registered.push(key);
+    }
+    fn unregister(&mut self, key: FlowKey) {
+        self.unregistered.push(key);
+    }
+}
+
+/// A sent packet, decoded (and its checksums verified).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Out {
+    flags: TcpFlags,
+    seq: u32,
+    ack: u32,
+    len: usize,
+    ts: Option<(u32, u32)>,
+}
+
+impl Rec {
+    fn take(&mut self) -> Vec<Out> {
+        self.sent
+            .drain(..)
+            .map(|p| {
+                let ip = Ipv4Packet::new_checked(&p[..]).expect("valid IPv4");
+                assert!(ip.verify_checksum(), "IPv4 checksum");
+                let tcp = TcpPacket::new_checked(ip.payload()).expect("valid TCP");
+                assert!(tcp.verify_checksum(ip.src_addr(), ip.dst_addr()), "TCP checksum");
+                assert_eq!(ip.src_addr(), key().client_ip);
+                assert_eq!(ip.dst_addr(), key().target_ip);
+                Out {
+                    flags: tcp.flags(),
+                    seq: tcp.seq_number().0,
+                    ack: tcp.ack_number().0,
+                    len: tcp.payload_len(),
+                    ts: tcp.timestamps(),
+                }
+            })
+            .collect()
+    }
+}
+
+fn key() -> FlowKey {
+    FlowKey::new(
+        SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 10), 40000),
+        SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 30), 8080),
+    )
+}
+
+const C_ISN: u32 = 1_000;
+/// The online server's first byte (its ISN + 1): what the client acknowledges first.
+const O_BASE: u32 = 5_001;
+const T_ISN: u32 = 900_000;
+const T_BASE: u32 = T_ISN + 1;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A captured client packet, already target-facing.
+fn client(flags: TcpFlags, seq: u32, ack: u32, payload: &[u8], ts: Option<u32>) -> (Vec<u8>, ClientSegment) {
+    let repr = TcpRepr {
+        src_port: key().client_port,
+        dst_port: key().target_port,
+        seq: SeqNum(seq),
+        ack: SeqNum(ack),
+        flags,
+        window: 502,
+        mss: if flags.contains(TcpFlags::SYN) { Some(1460) } else { None },
+        window_scale: if flags.contains(TcpFlags::SYN) { Some(7) } else { None },
+        sack_permitted: flags.contains(TcpFlags::SYN),
+        timestamps: ts.map(|v| (v, 0)),
+        payload_len: payload.len(),
+    };
+    let mut buf = Vec::new();
+    emit_ipv4_tcp(&mut buf, key().client_ip, key().target_ip, 7, 64, &repr, payload);
+    let seg = ClientSegment::parse(&buf).expect("parse");
+    (buf, seg)
+}
+
+fn resp(flags: TcpFlags, seq: u32, ack: u32, len: u32) -> Response {
+    Response {
+        key: key(),
+        seq: SeqNum(seq),
+        ack: SeqNum(ack),
+        flags,
+        window: 512,
+        payload_len: len,
+        timestamps: None,
+        window_scale: if flags.contains(TcpFlags::SYN) { Some(7) } else { None },
+    }
+}
+
+const A: TcpFlags = TcpFlags::ACK;
+const PA: TcpFlags = TcpFlags(0x18);
+const FA: TcpFlags = TcpFlags(0x11);
+
+struct Harness {
+    table: SessionTable,
+    out: Rec,
+}
+
+impl Harness {
+    fn new(config: SessionConfig) -> Harness {
+        Harness { table: SessionTable::new(config), out: Rec::default() }
+    }
+    fn client(&mut self, flags: TcpFlags, seq: u32, ack: u32, payload: &[u8], now: Duration) {
+        let (p, s) = client(flags, seq, ack, payload, None);
+        self.table.on_client_packet(key(), &p, &s, now, &mut self.out);
+    }
+    fn resp(&mut self, flags: TcpFlags, seq: u32, ack: u32, len: u32, now: Duration) {
+        self.table.on_response(&resp(flags, seq, ack, len), now, &mut self.out);
+    }
+    fn timers(&mut self, now: Duration) {
+        self.table.run_timers(now, usize::MAX, &mut self.out);
+    }
+    /// SYN from the client, SYN-ACK from the target, handshake ACK from the client.
+    fn establish(&mut self) {
+        self.client(TcpFlags::SYN, C_ISN, 0, b"", ms(0));
+        self.resp(TcpFlags::SYN | A, T_ISN, C_ISN + 1, 0, ms(1));
+        self.client(A, C_ISN + 1, O_BASE, b"", ms(1));
+        self.out.take();
+    }
+}
+
+#[test]
+fn handshake_then_data_with_rewritten_ack() {
+    let mut h = Harness::new(SessionConfig::default());
+    h.client(TcpFlags::SYN, C_ISN, 0, b"", ms(0));
+    assert_eq!(h.out.registered, vec![key()], "CLIENT_ADD before the SYN");
+    let sent = h.out.take();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].flags, TcpFlags::SYN);
+    assert_eq!(sent[0].seq, C_ISN);
+    // Client data captured before the target answered waits for the handshake.
+    h.client(A, C_ISN + 1, O_BASE, b"", ms(1));
+    h.client(PA, C_ISN + 1, O_BASE, b"GET / HTTP/1.1\r\n\r\n", ms(1));
+    assert!(h.out.take().is_empty());
+    h.resp(TcpFlags::SYN | A, T_ISN, C_ISN + 1, 0, ms(2));
+    let sent = h.out.take();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!(sent[0], Out { flags: A, seq: C_ISN + 1, ack: T_BASE, len: 0, ts: None });
+    assert_eq!(sent[1].flags, PA);
+    assert_eq!((sent[1].seq, sent[1].ack, sent[1].len), (C_ISN + 1, T_BASE, 18));
+    assert_eq!(h.table.stats().established, 1);
+    assert_eq!(h.table.stats().client_acks_absorbed, 1);
+}
+
+#[test]
+fn requests_are_paced_behind_response_bytes() {
+    let mut h = Harness::new(SessionConfig::default());
+    h.establish();
+    h.client(PA, C_ISN + 1, O_BASE, b"req1", ms(2));
+    assert_eq!(h.out.take().len(), 1);
+    // The online server answered 100 bytes before the client sent request 2.
+    h.client(PA, C_ISN + 5, O_BASE + 100, b"req2", ms(3));
+    assert!(h.out.take().is_empty(), "request 2 waits for the target's answer");
+    h.resp(A, T_BASE, C_ISN + 5, 60, ms(4));
+    let sent = h.out.take();
+    assert_eq!(sent, vec![Out { flags: A, seq: C_ISN + 5, ack: T_BASE + 60, len: 0, ts: None }]);
+    h.resp(A, T_BASE + 60, C_ISN + 5, 40, ms(5));
+    let sent = h.out.take();
+    assert_eq!(sent.len(), 1, "request 2 carries the ACK: {sent:?}");
+    assert_eq!((sent[0].seq, sent[0].ack, sent[0].len), (C_ISN + 5, T_BASE + 100, 4));
+    assert_eq!(h.table.stats().pace_releases, 0);
+}
+
+#[test]
+fn shorter_target_answer_is_released_after_silence() {
+    let config = SessionConfig { pace_idle: ms(50), ..SessionConfig::default() };
+    let mut h = Harness::new(config);
+    h.establish();
+    h.client(PA, C_ISN + 1, O_BASE, b"req1", ms(2));
+    h.client(PA, C_ISN + 5, O_BASE + 100, b"req2", ms(3));
+    h.resp(A, T_BASE, C_ISN + 5, 70, ms(10));
+    h.out.take();
+    h.timers(ms(40));
+    assert!(h.out.take().is_empty(), "not yet silent long enough");
+    h.timers(ms(61));
+    let sent = h.out.take();
+    assert_eq!(sent.len(), 1);
+    assert_eq!((sent[0].seq, sent[0].ack, sent[0].len), (C_ISN + 5, T_BASE + 70, 4));
+    assert_eq!(h.table.stats().pace_releases, 1);
+    // The write-off carries over: request 3 after another 100 online bytes needs 100 more.
+    h.resp(A, T_BASE + 70, C_ISN + 9, 100, ms(62));
+    h.out.take();
+    h.client(PA, C_ISN + 9, O_BASE + 200, b"req3", ms(63));
+    assert_eq!(h.out.take().len(), 1);
+}
+
+#[test]
+fn no_wait_sends_as_captured() {
+    let config = SessionConfig { pacing: Pacing::NoWait, ..SessionConfig::default() };
+    let mut h = Harness::new(config);
+    h.establish();
+    h.client(PA, C_ISN + 1, O_BASE, b"req1", ms(2));
+    h.client(PA, C_ISN + 5, O_BASE + 100, b"req2", ms(3));
+    assert_eq!(h.out.take().len(), 2);
+}
+
+#[test]
+fn syn_and_data_are_retransmitted_then_given_up() {
+    let config = SessionConfig { rto_initial: ms(100), max_retries: 2, ..SessionConfig::default() };
+    let mut h = Harness::new(config);
+    h.client(TcpFlags::SYN, C_ISN, 0, b"", ms(0));
+    h.out.take();
+    h.timers(ms(99));
+    assert!(h.out.take().is_empty());
+    h.timers(ms(100));
+    let sent = h.out.take();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].flags, TcpFlags::SYN);
+    assert_eq!(h.out.registered.len(), 2, "the route is registered again with the SYN");
+    h.resp(TcpFlags::SYN | A, T_ISN, C_ISN + 1, 0, ms(150));
+    h.client(PA, C_ISN + 1, O_BASE, b"data", ms(150));
+    h.out.take();
+    // Not acknowledged: retransmitted at 250 ms (backoff reset by the SYN-ACK), then 450 ms.
+    h.timers(ms(250));
+    let sent = h.out.take();
+    assert_eq!(sent.len(), 1);
+    assert_eq!((sent[0].seq, sent[0].len), (C_ISN + 1, 4));
+    h.timers(ms(450));
+    assert_eq!(h.out.take().len(), 1);
+    h.timers(ms(850));
+    let sent = h.out.take();
+    assert_eq!(sent.len(), 1);
+    assert!(sent[0].flags.contains(TcpFlags::RST), "{sent:?}");
+    assert_eq!(sent[0].seq, C_ISN + 5);
+    let s = h.table.stats();
+    assert_eq!((s.retransmits, s.gave_up), (3, 1));
+}
+
+#[test]
+fn fin_exchange_closes_and_the_session_is_removed() {
+    let config = SessionConfig { linger: ms(1000), ..SessionConfig::default() };
+    let mut h = Harness::new(config);
+    h.establish();
+    h.client(PA, C_ISN + 1, O_BASE, b"GET", ms(2));
+    // The target answers 10 bytes and closes (HTTP/1.0).
+    h.resp(PA, T_BASE, C_ISN + 4, 10, ms(3));
+    h.resp(FA, T_BASE + 10, C_ISN + 4, 0, ms(3));
+    let sent = h.out.take();
+    assert_eq!(sent.last().unwrap().ack, T_BASE + 11, "the target's FIN is acknowledged");
+    // The client's FIN acknowledged 10 bytes + FIN online.
+    h.client(FA, C_ISN + 4, O_BASE + 11, b"", ms(4));
+    let sent = h.out.take();
+    assert_eq!(sent, vec![Out { flags: FA, seq: C_ISN + 4, ack: T_BASE + 11, len: 0, ts: None }]);
+    h.resp(A, T_BASE + 11, C_ISN + 5, 0, ms(5));
+    assert_eq!(h.table.stats().closed, 1);
+    assert!(h.table.get(&key()).unwrap().is_closed());
+    h.timers(ms(1004));
+    assert!(h.table.get(&key()).is_some());
+    h.timers(ms(1006));
+    assert!(h.table.is_empty());
+    assert_eq!(h.out.unregistered, vec![key()]);
+}
+
+#[test]
+fn client_fin_waits_for_the_response() {
+    let mut h = Harness::new(SessionConfig::default());
+    h.establish();
+    h.client(PA, C_ISN + 1, O_BASE, b"GET", ms(2));
+    h.out.take();
+    h.client(FA, C_ISN + 4, O_BASE + 50, b"", ms(3));
+    assert!(h.out.take().is_empty(), "FIN held until 50 response bytes");
+    h.resp(PA, T_BASE, C_ISN + 4, 50, ms(4));
+    let sent = h.out.take();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].flags, FA);
+    assert_eq!(h.table.stats().sent_fin, 1);
+}
+
+#[test]
+fn port_reuse_resets_the_old_session_before_the_new_syn() {
+    let mut h = Harness::new(SessionConfig::default());
+    h.establish();
+    h.client(PA, C_ISN + 1, O_BASE, b"GET", ms(2));
+    h.out.take();
+    h.client(TcpFlags::SYN, 77_000, 0, b"", ms(3));
+    let sent = h.out.take();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert!(sent[0].flags.contains(TcpFlags::RST));
+    assert_eq!(sent[0].seq, C_ISN + 4);
+    assert_eq!(sent[1].flags, TcpFlags::SYN);
+    assert_eq!(sent[1].seq, 77_000);
+    assert_eq!(h.table.stats().port_reuse_resets, 1);
+    assert_eq!(h.out.unregistered, vec![key()]);
+    assert_eq!(h.out.registered, vec![key(), key()]);
+    // A retransmitted SYN of the new connection is absorbed.
+    h.client(TcpFlags::SYN, 77_000, 0, b"", ms(4));
+    assert!(h.out.take().is_empty());
+    assert_eq!(h.table.stats().client_syn_retransmits, 1);
+}
+
+#[test]
+fn retransmissions_and_pure_acks_are_absorbed() {
+    let mut h = Harness::new(SessionConfig::default());
+    h.establish();
+    h.client(PA, C_ISN + 1, O_BASE, b"abcd", ms(2));
+    h.client(PA, C_ISN + 1, O_BASE, b"abcd", ms(3));
+    h.client(A, C_ISN + 5, O_BASE, b"", ms(3));
+    assert_eq!(h.out.take().len(), 1);
+    let s = h.table.stats();
+    assert_eq!((s.client_retransmits, s.client_acks_absorbed), (1, 2));
+}
+
+#[test]
+fn target_reset_closes() {
+    let mut h = Harness::new(SessionConfig::default());
+    h.establish();
+    h.resp(TcpFlags::RST, T_BASE, 0, 0, ms(3));
+    assert!(h.table.get(&key()).unwrap().is_closed());
+    assert_eq!(h.table.stats().target_resets, 1);
+}
+
+#[test]
+fn silent_target_times_out() {
+    let config = SessionConfig { timeout: Duration::from_secs(5), ..SessionConfig::default() };
+    let mut h = Harness::new(config);
+    h.establish();
+    h.timers(Duration::from_secs(6));
+    let sent = h.out.take();
+    assert!(sent.iter().any(|o| o.flags.contains(TcpFlags::RST)), "{sent:?}");
+    assert_eq!(h.table.stats().timed_out, 1);
+}
+
+#[test]
+fn timestamps_are_rewritten_and_monotonic() {
+    let mut h = Harness::new(SessionConfig::default());
+    let (p, s) = client(TcpFlags::SYN, C_ISN, 0, b"", Some(500));
+    h.table.on_client_packet(key(), &p, &s, ms(0), &mut h.out);
+    let mut synack = resp(TcpFlags::SYN | A, T_ISN, C_ISN + 1, 0);
+    synack.timestamps = Some((7_000, 500));
+    h.table.on_response(&synack, ms(1), &mut h.out);
+    let sent = h.out.take();
+    assert_eq!(sent[1].ts, Some((500, 7_000)), "handshake ACK echoes the target");
+    let (p, s) = client(PA, C_ISN + 1, O_BASE, b"req1", Some(510));
+    h.table.on_client_packet(key(), &p, &s, ms(2), &mut h.out);
+    // Captured later but with an older TSval (reordering): never goes backwards.
+    let (p2, s2) = client(PA, C_ISN + 5, O_BASE, b"req2", Some(505));
+    h.table.on_client_packet(key(), &p2, &s2, ms(2), &mut h.out);
+    let sent = h.out.take();
+    assert_eq!(sent[0].ts, Some((510, 7_000)));
+    assert_eq!(sent[1].ts, Some((510, 7_000)));
+}
+
+#[test]
+fn queue_is_bounded() {
+    let config = SessionConfig { max_queued_segments: 3, ..SessionConfig::default() };
+    let mut h = Harness::new(config);
+    h.client(TcpFlags::SYN, C_ISN, 0, b"", ms(0));
+    for i in 0..5u32 {
+        h.client(PA, C_ISN + 1 + i, O_BASE, b"x", ms(1));
+    }
+    assert_eq!(h.table.get(&key()).unwrap().queued(), 3, "the SYN and two segments");
+    assert_eq!(h.table.stats().queue_full, 3);
+}
+
+#[test]
+fn table_is_bounded_and_shutdown_resets_everything() {
+    let config = SessionConfig { max_sessions: 2, ..SessionConfig::default() };
+    let mut table = SessionTable::new(config);
+    let mut out = Rec::default();
+    for port in 1..=3u16 {
+        let mut k = key();
+        k.client_port = port;
+        let (p, s) = client(TcpFlags::SYN, C_ISN, 0, b"", None);
+        table.on_client_packet(k, &p, &s, ms(0), &mut out);
+    }
+    assert_eq!(table.len(), 2);
+    assert_eq!(table.stats().table_full, 1);
+    out.sent.clear();
+    table.shutdown(ms(1), &mut out);
+    assert!(table.is_empty());
+    assert_eq!(out.sent.len(), 2, "one RST per open session");
+    assert_eq!(out.unregistered.len(), 2);
+}
+
+#[test]
+fn mid_stream_segments_are_counted_not_replayed() {
+    let mut h = Harness::new(SessionConfig::default());
+    h.client(PA, C_ISN + 1, O_BASE, b"data", ms(0));
+    assert!(h.out.take().is_empty());
+    assert_eq!(h.table.stats().client_no_session, 1);
+    h.resp(A, T_BASE, C_ISN, 0, ms(0));
+    assert_eq!(h.table.stats().response_no_session, 1);
+}

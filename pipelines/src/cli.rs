@@ -1,0 +1,140 @@
+//! What both binaries share: logging, the pid file, daemon mode and signals.
+
+use anyhow::Context;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Environment variable that marks the re-executed daemon child.
+const DAEMON_CHILD: &str = "TCPCOPY_RS_DAEMON_CHILD";
+
+/// Sets up `tracing`: to the `-l` file (appended) or stderr, at `level`
+/// (`RUST_LOG` overrides).
+///
+/// # Errors
+/// The log file cannot be opened (named, with the cause).
+pub fn init_logging(log_file: Option<&Path>, level: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open the log file -l {}", path.display()))?;
+            builder.with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+/// `-d`: detaches from the terminal. The parent re-executes this program as a child in a new
+/// session with its standard streams on /dev/null, then exits 0; the child returns and runs.
+/// (Re-executing instead of `fork` keeps this safe in a program that has threads.)
+///
+/// # Errors
+/// The child cannot be started.
+pub fn daemonize() -> anyhow::Result<()> {
+    if std::env::var_os(DAEMON_CHILD).is_some() {
+        nix::unistd::setsid().context("setsid")?;
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("cannot find this program to daemonize")?;
+    let child = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(DAEMON_CHILD, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("cannot start the daemon")?;
+    println!("{}", child.id());
+    std::process::exit(0);
+}
+
+/// Writes our pid to `path` (`-P`); removed by [`PidFile`]'s drop.
+#[derive(Debug)]
+pub struct PidFile(PathBuf);
+
+impl PidFile {
+    /// Writes the pid file.
+    ///
+    /// # Errors
+    /// The file cannot be written (named, with the cause).
+    pub fn create(path: &Path) -> anyhow::Result<PidFile> {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("cannot write the pid file -P {}", path.display()))?;
+        Ok(PidFile(path.to_path_buf()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A flag raised by SIGINT or SIGTERM (and SIGHUP unless daemonized).
+///
+/// # Errors
+/// The handlers cannot be installed.
+pub fn stop_flag(hangup_stops: bool) -> anyhow::Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let mut signals = vec![signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM];
+    if hangup_stops {
+        signals.push(signal_hook::consts::SIGHUP);
+    }
+    for signal in signals {
+        signal_hook::flag::register(signal, flag.clone()).context("install signal handlers")?;
+    }
+    Ok(flag)
+}
+
+/// Parses `-s`: `ip[:port],...`, the port defaulting to `default_port`.
+///
+/// # Errors
+/// A message that names the item and shows the form.
+pub fn parse_servers(text: &str, default_port: u16) -> anyhow::Result<Vec<std::net::SocketAddrV4>> {
+    let mut servers = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (ip, port) = match item.split_once(':') {
+            Some((ip, port)) => {
+                let port: u16 = port.parse().ok().filter(|p| *p != 0).with_context(|| {
+                    format!("bad -s value '{item}': port '{port}' is not 1..65535; the form is ip[:port][,...], e.g. 10.77.0.40:36524")
+                })?;
+                (ip, port)
+            }
+            None => (item, default_port),
+        };
+        let ip: std::net::Ipv4Addr = ip.parse().with_context(|| {
+            format!("bad -s value '{item}': '{ip}' is not an IPv4 address; the form is ip[:port][,...], e.g. 10.77.0.40:36524")
+        })?;
+        servers.push(std::net::SocketAddrV4::new(ip, port));
+    }
+    if servers.is_empty() {
+        anyhow::bail!("-s needs at least one intercept address, e.g. -s 10.77.0.40");
+    }
+    if servers.len() > 32 {
+        anyhow::bail!("-s lists {} intercepts; at most 32 are supported", servers.len());
+    }
+    Ok(servers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers() {
+        let s = parse_servers("10.0.0.1,10.0.0.2:4000", 36524).unwrap();
+        assert_eq!(s[0].to_string(), "10.0.0.1:36524");
+        assert_eq!(s[1].to_string(), "10.0.0.2:4000");
+        let e = parse_servers("10.0.0:1", 1).unwrap_err().to_string();
+        assert!(e.contains("'10.0.0' is not an IPv4 address"), "{e}");
+        assert!(parse_servers("10.0.0.1:0", 1).is_err());
+        assert!(parse_servers("", 1).is_err());
+    }
+}
