@@ -103,20 +103,21 @@ say "bringing the lab up (prefix $PREFIX, offloads ${LAB_OFFLOADS:-off})"
 nginx_start online $ONLINE 80
 nginx_start target $TARGET 8080
 
-# >>> LEAD: start intercept in the assistant namespace, e.g.
-# ip netns exec ${PREFIX}assistant "$BIN/intercept" <args: listen $ASSISTANT:36524, capture eth0, target port 8080> \
-#     >"$RUN/intercept.log" 2>&1 &
-# PIDS+=($!)
-# wait_port assistant $ASSISTANT 36524 || die "intercept did not start: $(cat "$RUN/intercept.log")"
-: "${ASSISTANT}" # (used by the placeholder above)
-# <<< LEAD: intercept
+say "intercept on the assistant: capture the target's replies on eth0"
+ip netns exec ${PREFIX}assistant "$BIN/intercept" -i eth0 -F "tcp and src host $TARGET and src port 8080" \
+    --stats-interval 5 >"$RUN/intercept.log" 2>&1 &
+PIDS+=($!)
+wait_port assistant $ASSISTANT 36524 || die "intercept did not start: $(cat "$RUN/intercept.log")"
 
-# >>> LEAD: start tcpcopy in the online namespace, e.g.
-# ip netns exec ${PREFIX}online "$BIN/tcpcopy" <args: capture eth0 port 80, send to $TARGET:8080, intercept $ASSISTANT> \
-#     >"$RUN/tcpcopy.log" 2>&1 &
-# PIDS+=($!)
-# sleep 1   # or a bounded wait for tcpcopy's "connected to intercept" line
-# <<< LEAD: tcpcopy
+say "tcpcopy on the online host: -x 80-$TARGET:8080 -s $ASSISTANT"
+ip netns exec ${PREFIX}online "$BIN/tcpcopy" -i eth0 -x 80-$TARGET:8080 -s $ASSISTANT \
+    --stats-interval 5 >"$RUN/tcpcopy.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do
+    grep -q "connected to intercept" "$RUN/tcpcopy.log" 2>/dev/null && break
+    sleep 0.1
+done
+grep -q "connected to intercept" "$RUN/tcpcopy.log" || die "tcpcopy did not connect: $(cat "$RUN/tcpcopy.log")"
 
 say "load: $REQUESTS close + $REQUESTS keep-alive requests over $CONNECTIONS connections"
 ip netns exec ${PREFIX}client "$BIN/httpload" --target $ONLINE:80 --requests "$REQUESTS" --mode close \

@@ -451,6 +451,25 @@ impl Lab {
         P: AsRef<OsStr>,
         S: AsRef<OsStr>,
     {
+        self.spawn_env(host, program, args, &[])
+    }
+
+    /// [`Lab::spawn`] with extra environment variables (e.g. `[("RUST_LOG", "debug")]`); the
+    /// program otherwise inherits the test's environment.
+    ///
+    /// # Errors
+    /// If the program cannot be started.
+    pub fn spawn_env<P, S>(
+        &self,
+        host: Host,
+        program: P,
+        args: &[S],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Proc>
+    where
+        P: AsRef<OsStr>,
+        S: AsRef<OsStr>,
+    {
         let program = program.as_ref();
         let tag = self.next_tag(host, program);
         let (out, err) = (
@@ -459,6 +478,7 @@ impl Lab {
         );
         let child = self
             .command(host, program, args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(fs::File::create(&out)?)
             .stderr(fs::File::create(&err)?)

@@ -331,6 +331,10 @@ fn a_panicking_test_still_tears_its_lab_down() {
     let prefix = prefix.into_inner().unwrap();
     assert!(!prefix.is_empty());
     assert!(lab::namespaces_with_prefix(&prefix).is_empty());
+    // The logs of a failed test are kept for inspection; this failure was on purpose.
+    let kept = std::env::temp_dir().join(format!("tcpcopy-lab-{prefix}"));
+    assert!(kept.join("labserver-target-8081.log").exists());
+    std::fs::remove_dir_all(kept).unwrap();
 }
 
 #[test]

@@ -40,6 +40,8 @@ pub const DEFAULT_RECONNECT_INITIAL: Duration = Duration::from_millis(100);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// Default bound on one connection's unsent bytes.
 pub const DEFAULT_MAX_BUFFER_BYTES: usize = 4 << 20;
+/// Default time a connect may take before it is abandoned and retried.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 const WAKER: Token = Token(usize::MAX);
 const READ_CHUNK: usize = 64 * 1024;
@@ -63,6 +65,8 @@ pub struct ClientConfig {
     pub reconnect_max: Duration,
     /// Bound on one connection's unsent bytes.
     pub max_buffer_bytes: usize,
+    /// Time a connect may take (an intercept host that drops SYNs) before it counts as failed.
+    pub connect_timeout: Duration,
 }
 
 impl ClientConfig {
@@ -78,6 +82,7 @@ impl ClientConfig {
             reconnect_initial: DEFAULT_RECONNECT_INITIAL,
             reconnect_max: DEFAULT_RECONNECT_MAX,
             max_buffer_bytes: DEFAULT_MAX_BUFFER_BYTES,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
     }
 }
@@ -110,8 +115,13 @@ pub struct ClientStats {
 
 #[derive(Debug)]
 enum State {
-    Down { retry_at: Instant },
-    Connecting(TcpStream),
+    Down {
+        retry_at: Instant,
+    },
+    Connecting {
+        stream: TcpStream,
+        deadline: Instant,
+    },
     Up(TcpStream),
 }
 
@@ -130,7 +140,6 @@ struct Conn {
 #[derive(Debug)]
 struct Server {
     addr: SocketAddrV4,
-    next: usize,
 }
 
 /// The tcpcopy end of the control channel (see the module docs).
@@ -175,7 +184,7 @@ impl ControlClient {
         let servers: Vec<Server> = config
             .servers
             .iter()
-            .map(|&addr| Server { addr, next: 0 })
+            .map(|&addr| Server { addr })
             .collect();
         let conns = (0..servers.len() * per)
             .map(|i| Conn {
@@ -248,7 +257,8 @@ impl ControlClient {
     }
 
     /// Queues `CLIENT_ADD` for `key` to every server that is up, on one of its connections
-    /// chosen round-robin (intercept routes the session's responses to that connection).
+    /// chosen by the flow's hash (intercept routes the session's responses to that connection;
+    /// the C tool chooses round-robin, which reorders an ADD after a DEL of the same 4-tuple).
     /// Never blocks. `true` if at least one server took it (the C tool skips the SYN
     /// otherwise).
     pub fn client_add(&mut self, key: FlowKey) -> bool {
@@ -265,16 +275,18 @@ impl ControlClient {
         let bytes = message.encode();
         let per = self.config.connections_per_server;
         let mut any = false;
+        // Every message about one session goes on the same connection (chosen by its flow
+        // hash), so a CLIENT_DEL and the CLIENT_ADD of a new session on the same 4-tuple reach
+        // intercept in the order they were sent; sessions still spread over the connections.
+        let affinity = (message.flow_key().hash64() % per as u64) as usize;
         for s in 0..self.servers.len() {
-            let start = self.servers[s].next;
             let chosen = (0..per)
-                .map(|k| (start + k) % per)
+                .map(|k| (affinity + k) % per)
                 .find(|&k| matches!(self.conns[s * per + k].state, State::Up(_)));
             let Some(k) = chosen else {
                 self.stats.messages_dropped += 1;
                 continue;
             };
-            self.servers[s].next = (k + 1) % per;
             let i = s * per + k;
             let was_idle = self.conns[i].out.pending() == 0;
             if !self.conns[i].out.push(&bytes) {
@@ -331,7 +343,7 @@ impl ControlClient {
                 continue; // the waker
             }
             match self.conns[i].state {
-                State::Connecting(_) => self.check_connect(i, now, on_record),
+                State::Connecting { .. } => self.check_connect(i, now, on_record),
                 State::Up(_) => {
                     if writable {
                         self.flush(i, now);
@@ -377,20 +389,32 @@ impl ControlClient {
             .any(|c| matches!(c.state, State::Up(_)))
     }
 
+    /// The next reconnect attempt or connect deadline.
     fn next_retry(&self) -> Option<Instant> {
         self.conns
             .iter()
             .filter_map(|c| match c.state {
                 State::Down { retry_at } => Some(retry_at),
-                _ => None,
+                State::Connecting { deadline, .. } => Some(deadline),
+                State::Up(_) => None,
             })
             .min()
     }
 
     fn reconnect_due(&mut self, now: Instant) {
         for i in 0..self.conns.len() {
-            if matches!(self.conns[i].state, State::Down { retry_at } if retry_at <= now) {
-                self.start_connect(i, now);
+            match self.conns[i].state {
+                State::Down { retry_at } if retry_at <= now => self.start_connect(i, now),
+                State::Connecting { deadline, .. } if deadline <= now => {
+                    if let State::Connecting { mut stream, .. } =
+                        std::mem::replace(&mut self.conns[i].state, State::Down { retry_at: now })
+                    {
+                        let _ = self.poll.registry().deregister(&mut stream);
+                    }
+                    let e = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+                    self.connect_failed(i, &e, now);
+                }
+                _ => {}
             }
         }
     }
@@ -406,7 +430,10 @@ impl ControlClient {
                     .registry()
                     .register(&mut stream, Token(i), interest)
                 {
-                    Ok(()) => self.conns[i].state = State::Connecting(stream),
+                    Ok(()) => {
+                        let deadline = now + self.config.connect_timeout;
+                        self.conns[i].state = State::Connecting { stream, deadline };
+                    }
                     Err(e) => self.connect_failed(i, &e, now),
                 }
             }
@@ -420,7 +447,7 @@ impl ControlClient {
         now: Instant,
         on_record: &mut dyn FnMut(&ResponseHeader),
     ) {
-        let State::Connecting(stream) = &mut self.conns[i].state else {
+        let State::Connecting { stream, .. } = &mut self.conns[i].state else {
             return;
         };
         let error = match stream.take_error() {
@@ -431,7 +458,7 @@ impl ControlClient {
                 Err(e) => Some(e),
             },
         };
-        let State::Connecting(mut stream) =
+        let State::Connecting { mut stream, .. } =
             std::mem::replace(&mut self.conns[i].state, State::Down { retry_at: now })
         else {
             return;

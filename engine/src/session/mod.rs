@@ -372,6 +372,7 @@ impl Session {
     }
 
     /// Queues a captured client segment (SYN excluded) and sends what may be sent.
+    #[allow(clippy::too_many_arguments)]
     fn on_client(
         &mut self,
         packet: &[u8],
@@ -833,7 +834,7 @@ impl Session {
     }
 }
 
-/// Overwrites SACK blocks (which name the online server's sequence space) with NOPs and fixes
+/// Overwrites SACK blocks (which name the online server's sequence space) with NOPs, fixing
 /// the TCP checksum. Cheap when the segment has no SACK option (the common case).
 fn strip_sack(packet: &mut [u8]) {
     let mut ip = Ipv4Packet::new_unchecked(&mut packet[..]);

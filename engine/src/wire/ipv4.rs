@@ -443,7 +443,7 @@ mod tests {
             Ipv4Packet::new_checked(&bad[..]).unwrap_err(),
             WireError::BadHeaderLen
         );
-        bad[0] = 0x4f; // 60 bytes of header in a 60-byte buffer: fits, but total_len 60 ok
+        bad[0] = 0x4f; // a 60-byte header exactly filling the 60-byte buffer is accepted
         assert!(Ipv4Packet::new_checked(&bad[..]).is_ok());
         assert_eq!(
             Ipv4Packet::new_checked(&bad[..59]).unwrap_err(),

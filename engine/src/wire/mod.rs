@@ -53,6 +53,7 @@ pub struct SeqNum(pub u32);
 impl SeqNum {
     /// `self + n`, wrapping.
     #[inline]
+    #[allow(clippy::should_implement_trait)] // by value with a u32, as smoltcp's TcpSeqNumber
     pub fn add(self, n: u32) -> SeqNum {
         SeqNum(self.0.wrapping_add(n))
     }

@@ -27,7 +27,7 @@ struct Args {
     /// Request log file (appended to).
     #[arg(long)]
     log: Option<PathBuf>,
-    /// Answer every request with a body of this many bytes instead of "ok <path> <len>\n".
+    /// Answer every request with a body of this many bytes instead of "ok PATH BODY_LEN".
     #[arg(long)]
     response_bytes: Option<usize>,
     /// Most connections served at once; further ones wait in the listen backlog.

@@ -98,7 +98,7 @@ impl TcpcopyStats {
             "captured {} accepted {} (data {}) dropped: malformed {}: truncated {} bad-version {} bad-ihl {} \
              bad-total-len {} bad-data-offset {} bad-options {} cut-short {} | no-transfer {} not-tcp {} fragments {} | \
              sessions {} created {} established {} closed {} client-rst {} target-rst {} timed-out {} gave-up {} \
-             port-reuse {} table-full {} no-session {} | sent {} data {} syn {} fin {} rst {} acks {} \
+             port-reuse-reset {} port-reuse-replaced {} table-full {} no-session {} | sent {} data {} syn {} fin {} rst {} acks {} \
              retransmits {} pace-releases {} tx-errors {} | replies {} (data {}) unmatched {} | \
              control up {} sent {} dropped {} reconnects {} queue-full {}",
             i.captured,
@@ -123,7 +123,8 @@ impl TcpcopyStats {
             s.target_resets,
             s.timed_out,
             s.gave_up,
-            s.port_reuse_resets + s.port_reuse_replaced,
+            s.port_reuse_resets,
+            s.port_reuse_replaced,
             s.table_full,
             s.client_no_session,
             s.sent_segments + s.sent_acks,
