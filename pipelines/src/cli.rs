@@ -16,7 +16,9 @@ const DAEMON_CHILD: &str = "TCPCOPY_RS_DAEMON_CHILD";
 pub fn init_logging(log_file: Option<&Path>, level: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     match log_file {
         Some(path) => {
             let file = std::fs::OpenOptions::new()
@@ -24,7 +26,10 @@ pub fn init_logging(log_file: Option<&Path>, level: &str) -> anyhow::Result<()> 
                 .append(true)
                 .open(path)
                 .with_context(|| format!("cannot open the log file -l {}", path.display()))?;
-            builder.with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
         }
         None => builder.with_writer(std::io::stderr).init(),
     }
@@ -118,7 +123,10 @@ pub fn parse_servers(text: &str, default_port: u16) -> anyhow::Result<Vec<std::n
         anyhow::bail!("-s needs at least one intercept address, e.g. -s 10.77.0.40");
     }
     if servers.len() > 32 {
-        anyhow::bail!("-s lists {} intercepts; at most 32 are supported", servers.len());
+        anyhow::bail!(
+            "-s lists {} intercepts; at most 32 are supported",
+            servers.len()
+        );
     }
     Ok(servers)
 }

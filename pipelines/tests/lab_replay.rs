@@ -23,21 +23,43 @@ fn start_intercept(lab: &Lab) -> Proc {
         .spawn(
             Host::Assistant,
             INTERCEPT,
-            &["-i", "eth0", "-F", "tcp and src host 10.77.0.30", "--stats-interval", "1"],
+            &[
+                "-i",
+                "eth0",
+                "-F",
+                "tcp and src host 10.77.0.30",
+                "--stats-interval",
+                "1",
+            ],
         )
         .expect("start intercept");
     intercept
         .wait_for_log("starting", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("intercept did not start: {e:#}\n{}", intercept.log()));
-    lab.wait_port(Host::Online, "10.77.0.40:36524".parse().unwrap(), Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("intercept is not listening: {e:#}\n{}", intercept.log()));
+    lab.wait_port(
+        Host::Online,
+        "10.77.0.40:36524".parse().unwrap(),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("intercept is not listening: {e:#}\n{}", intercept.log()));
     intercept
 }
 
 fn start_tcpcopy(lab: &Lab, extra: &[&str]) -> Proc {
-    let mut args = vec!["-i", "eth0", "-x", "80-10.77.0.30:8080", "-s", "10.77.0.40", "--stats-interval", "1"];
+    let mut args = vec![
+        "-i",
+        "eth0",
+        "-x",
+        "80-10.77.0.30:8080",
+        "-s",
+        "10.77.0.40",
+        "--stats-interval",
+        "1",
+    ];
     args.extend_from_slice(extra);
-    let mut tcpcopy = lab.spawn(Host::Online, TCPCOPY, &args).expect("start tcpcopy");
+    let mut tcpcopy = lab
+        .spawn(Host::Online, TCPCOPY, &args)
+        .expect("start tcpcopy");
     tcpcopy
         .wait_for_log("connected to intercept", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("tcpcopy did not connect: {e:#}\n{}", tcpcopy.log()));
@@ -56,13 +78,24 @@ impl Replay {
         self.tcpcopy.stop();
         self.intercept.stop();
         let log = self.tcpcopy.log();
-        log.lines().rev().find(|l| l.contains("final:")).map(str::to_string).unwrap_or_else(|| {
-            panic!("tcpcopy printed no final statistics:\n{log}\nintercept:\n{}", self.intercept.log())
-        })
+        log.lines()
+            .rev()
+            .find(|l| l.contains("final:"))
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                panic!(
+                    "tcpcopy printed no final statistics:\n{log}\nintercept:\n{}",
+                    self.intercept.log()
+                )
+            })
     }
 
     fn logs(&self) -> String {
-        format!("--- tcpcopy ---\n{}\n--- intercept ---\n{}", self.tcpcopy.log(), self.intercept.log())
+        format!(
+            "--- tcpcopy ---\n{}\n--- intercept ---\n{}",
+            self.tcpcopy.log(),
+            self.intercept.log()
+        )
     }
 }
 
@@ -72,13 +105,20 @@ fn counter(line: &str, name: &str) -> u64 {
     words
         .windows(2)
         .find(|w| w[0] == name)
-        .and_then(|w| w[1].trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+        .and_then(|w| {
+            w[1].trim_matches(|c: char| !c.is_ascii_digit())
+                .parse()
+                .ok()
+        })
         .unwrap_or_else(|| panic!("no counter '{name}' in: {line}"))
 }
 
 fn load(lab: &Lab, args: &[&str]) -> lab::LoadReport {
     let report = lab.httpload(Host::Client, args).expect("httpload runs");
-    assert!(report.all_ok(), "load against the online server failed: {report:?}");
+    assert!(
+        report.all_ok(),
+        "load against the online server failed: {report:?}"
+    );
     report
 }
 
@@ -95,11 +135,33 @@ fn replicates_2000_requests_each_path_once() {
     let replay = Replay::start(&lab, &[]);
     load(
         &lab,
-        &["--target", "10.77.0.20:80", "--mode", "close", "--requests", "1000", "--concurrency", "10", "--path-prefix", "/c/"],
+        &[
+            "--target",
+            "10.77.0.20:80",
+            "--mode",
+            "close",
+            "--requests",
+            "1000",
+            "--concurrency",
+            "10",
+            "--path-prefix",
+            "/c/",
+        ],
     );
     load(
         &lab,
-        &["--target", "10.77.0.20:80", "--mode", "keepalive", "--connections", "20", "--requests", "1000", "--path-prefix", "/k/"],
+        &[
+            "--target",
+            "10.77.0.20:80",
+            "--mode",
+            "keepalive",
+            "--connections",
+            "20",
+            "--requests",
+            "1000",
+            "--path-prefix",
+            "/k/",
+        ],
     );
     assert_eq!(online.count(), 2000);
     let seen = target.settle(Duration::from_secs(2), Duration::from_secs(60));
@@ -108,7 +170,10 @@ fn replicates_2000_requests_each_path_once() {
         *counts.entry(path).or_default() += 1;
     }
     let online_paths: HashSet<String> = online.paths().into_iter().collect();
-    let missing: Vec<&String> = online_paths.iter().filter(|p| !counts.contains_key(*p)).collect();
+    let missing: Vec<&String> = online_paths
+        .iter()
+        .filter(|p| !counts.contains_key(*p))
+        .collect();
     let doubled: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
     let logs = replay.logs();
     let stats = replay.stop();
@@ -121,8 +186,12 @@ fn replicates_2000_requests_each_path_once() {
         doubled.iter().take(5).collect::<Vec<_>>(),
     );
     // Keep-alive sessions were replayed as keep-alive sessions: 20 connections at the target.
-    let keepalive: HashSet<u64> =
-        target.entries().iter().filter(|e| e.uri.starts_with("/k/")).map(|e| e.connection).collect();
+    let keepalive: HashSet<u64> = target
+        .entries()
+        .iter()
+        .filter(|e| e.uri.starts_with("/k/"))
+        .map(|e| e.connection)
+        .collect();
     assert_eq!(keepalive.len(), 20, "keep-alive connections at the target");
     assert!(counter(&stats, "created") >= 1020, "{stats}");
 }
@@ -139,7 +208,18 @@ fn replicates_a_1mib_post_whole() {
     let replay = Replay::start(&lab, &[]);
     let report = load(
         &lab,
-        &["--target", "10.77.0.20:80", "--mode", "close", "--requests", "3", "--post-bytes", "1048576", "--path-prefix", "/upload/"],
+        &[
+            "--target",
+            "10.77.0.20:80",
+            "--mode",
+            "close",
+            "--requests",
+            "3",
+            "--post-bytes",
+            "1048576",
+            "--path-prefix",
+            "/upload/",
+        ],
     );
     let seen = target.wait_count(3, Duration::from_secs(30));
     let logs = replay.logs();
@@ -163,7 +243,20 @@ fn client_addresses_are_rewritten_with_c() {
     let replay = Replay::start(&lab, &["-c", "10.9.9.x"]);
     let report = load(
         &lab,
-        &["--target", "10.77.0.20:80", "--mode", "keepalive", "--connections", "4", "--requests", "200", "--post-bytes", "5000", "--path-prefix", "/cx/"],
+        &[
+            "--target",
+            "10.77.0.20:80",
+            "--mode",
+            "keepalive",
+            "--connections",
+            "4",
+            "--requests",
+            "200",
+            "--post-bytes",
+            "5000",
+            "--path-prefix",
+            "/cx/",
+        ],
     );
     let seen = target.wait_count(200, Duration::from_secs(30));
     let logs = replay.logs();
@@ -171,9 +264,17 @@ fn client_addresses_are_rewritten_with_c() {
     assert_eq!(seen, 200, "{stats}\n{logs}");
     for entry in target.entries() {
         let ip = entry.peer.ip().octets();
-        assert_eq!(&ip[..3], &[10, 9, 9], "client {} is not from 10.9.9.0/24", entry.peer);
+        assert_eq!(
+            &ip[..3],
+            &[10, 9, 9],
+            "client {} is not from 10.9.9.0/24",
+            entry.peer
+        );
         assert_ne!(ip[3], 0);
-        assert_eq!((entry.body_len, entry.sha256.as_str()), (5000, report.body_sha256.as_str()));
+        assert_eq!(
+            (entry.body_len, entry.sha256.as_str()),
+            (5000, report.body_sha256.as_str())
+        );
     }
 }
 
@@ -188,24 +289,78 @@ fn survives_an_intercept_restart() {
     let _online = lab.nginx(Host::Online, 80).expect("online nginx");
     let target = lab.nginx(Host::Target, 8080).expect("target nginx");
     let mut replay = Replay::start(&lab, &[]);
-    load(&lab, &["--target", "10.77.0.20:80", "--mode", "close", "--requests", "100", "--path-prefix", "/before/"]);
-    assert_eq!(target.wait_count(100, Duration::from_secs(30)), 100, "{}", replay.logs());
-    replay.intercept.signal(libc_sigkill()).expect("kill intercept");
-    replay.intercept.wait_exit(Duration::from_secs(10)).expect("intercept exits");
+    load(
+        &lab,
+        &[
+            "--target",
+            "10.77.0.20:80",
+            "--mode",
+            "close",
+            "--requests",
+            "100",
+            "--path-prefix",
+            "/before/",
+        ],
+    );
+    assert_eq!(
+        target.wait_count(100, Duration::from_secs(30)),
+        100,
+        "{}",
+        replay.logs()
+    );
+    replay
+        .intercept
+        .signal(libc_sigkill())
+        .expect("kill intercept");
+    replay
+        .intercept
+        .wait_exit(Duration::from_secs(10))
+        .expect("intercept exits");
     replay
         .tcpcopy
         .wait_for_log("lost", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("tcpcopy did not log the loss: {e:#}\n{}", replay.logs()));
     // Sessions while intercept is down are not replicated (no replies come back): expected.
     replay.intercept = start_intercept(&lab);
-    let log_before = replay.tcpcopy.log().matches("connected to intercept").count();
+    let log_before = replay
+        .tcpcopy
+        .log()
+        .matches("connected to intercept")
+        .count();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while replay.tcpcopy.log().matches("connected to intercept").count() <= log_before {
-        assert!(std::time::Instant::now() < deadline, "tcpcopy did not reconnect:\n{}", replay.logs());
+    while replay
+        .tcpcopy
+        .log()
+        .matches("connected to intercept")
+        .count()
+        <= log_before
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tcpcopy did not reconnect:\n{}",
+            replay.logs()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    load(&lab, &["--target", "10.77.0.20:80", "--mode", "close", "--requests", "100", "--path-prefix", "/after/"]);
-    let after = |t: &lab::Nginx| t.paths().iter().filter(|p| p.starts_with("/after/")).count();
+    load(
+        &lab,
+        &[
+            "--target",
+            "10.77.0.20:80",
+            "--mode",
+            "close",
+            "--requests",
+            "100",
+            "--path-prefix",
+            "/after/",
+        ],
+    );
+    let after = |t: &lab::Nginx| {
+        t.paths()
+            .iter()
+            .filter(|p| p.starts_with("/after/"))
+            .count()
+    };
     let seen = lab::wait_count(|| after(&target), 100, Duration::from_secs(30));
     let logs = replay.logs();
     let stats = replay.stop();
@@ -231,16 +386,38 @@ fn malformed_frames_are_counted_and_dropped() {
     let replay = Replay::start(&lab, &["-F", "tcp and dst host 10.77.0.20"]);
     let script = lab.dir().join("malformed.py");
     std::fs::write(&script, MALFORMED_PY).expect("write script");
-    let out = lab.run(Host::Client, "python3", &[script.to_str().unwrap()]).expect("python3 runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    load(&lab, &["--target", "10.77.0.20:80", "--mode", "close", "--requests", "50", "--path-prefix", "/later/"]);
+    let out = lab
+        .run(Host::Client, "python3", &[script.to_str().unwrap()])
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    load(
+        &lab,
+        &[
+            "--target",
+            "10.77.0.20:80",
+            "--mode",
+            "close",
+            "--requests",
+            "50",
+            "--path-prefix",
+            "/later/",
+        ],
+    );
     let seen = target.wait_count(50, Duration::from_secs(30));
     let logs = replay.logs();
     let stats = replay.stop();
     assert_eq!(seen, 50, "{stats}\n{logs}");
-    for (reason, want) in
-        [("truncated", 2), ("bad-ihl", 2), ("bad-total-len", 2), ("bad-data-offset", 2), ("bad-version", 1)]
-    {
+    for (reason, want) in [
+        ("truncated", 2),
+        ("bad-ihl", 2),
+        ("bad-total-len", 2),
+        ("bad-data-offset", 2),
+        ("bad-version", 1),
+    ] {
         assert_eq!(counter(&stats, reason), want, "{reason}: {stats}");
     }
 }
@@ -296,7 +473,20 @@ fn bursts_of_new_connections_replicate() {
     let mut results = Vec::new();
     for run in 0..3 {
         let out = lab
-            .run_timeout(Host::Client, "ab", &["-q", "-n", "30000", "-c", "10", "-r", "http://10.77.0.20/burst"], Duration::from_secs(120))
+            .run_timeout(
+                Host::Client,
+                "ab",
+                &[
+                    "-q",
+                    "-n",
+                    "30000",
+                    "-c",
+                    "10",
+                    "-r",
+                    "http://10.77.0.20/burst",
+                ],
+                Duration::from_secs(120),
+            )
             .expect("ab runs");
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let complete: usize = text
@@ -305,11 +495,17 @@ fn bursts_of_new_connections_replicate() {
             .and_then(|l| l.split_whitespace().last())
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("ab output without a count: {text}"));
-        let rps = text.lines().find(|l| l.starts_with("Requests per second:")).unwrap_or("").to_string();
+        let rps = text
+            .lines()
+            .find(|l| l.starts_with("Requests per second:"))
+            .unwrap_or("")
+            .to_string();
         let total = target.settle(Duration::from_secs(2), Duration::from_secs(60));
         let replicated = total - before;
         before = total;
-        results.push(format!("run {run}: online {complete} target {replicated} ({rps})"));
+        results.push(format!(
+            "run {run}: online {complete} target {replicated} ({rps})"
+        ));
         assert!(
             replicated * 1000 >= complete * 999,
             "run {run}: {replicated} of {complete} replicated\n{}\n{}",

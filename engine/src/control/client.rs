@@ -181,11 +181,7 @@ impl ControlClient {
             .map_err(|e| ControlError::io("creating the waker", e))?;
         let now = Instant::now();
         let initial = config.reconnect_initial.max(Duration::from_millis(1));
-        let servers: Vec<Server> = config
-            .servers
-            .iter()
-            .map(|&addr| Server { addr })
-            .collect();
+        let servers: Vec<Server> = config.servers.iter().map(|&addr| Server { addr }).collect();
         let conns = (0..servers.len() * per)
             .map(|i| Conn {
                 server: i / per,

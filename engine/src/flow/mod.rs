@@ -71,7 +71,11 @@ impl Hash for FlowKey {
 
 impl fmt::Debug for FlowKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}->{}:{}", self.client_ip, self.client_port, self.target_ip, self.target_port)
+        write!(
+            f,
+            "{}:{}->{}:{}",
+            self.client_ip, self.client_port, self.target_ip, self.target_port
+        )
     }
 }
 
@@ -86,7 +90,10 @@ mod tests {
     use super::*;
 
     fn key(c: [u8; 4], cp: u16, t: [u8; 4], tp: u16) -> FlowKey {
-        FlowKey::new(SocketAddrV4::new(c.into(), cp), SocketAddrV4::new(t.into(), tp))
+        FlowKey::new(
+            SocketAddrV4::new(c.into(), cp),
+            SocketAddrV4::new(t.into(), tp),
+        )
     }
 
     #[test]

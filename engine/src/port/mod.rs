@@ -88,7 +88,12 @@ pub struct TxBatch {
 impl TxBatch {
     /// A batch with room for `capacity` packets of up to [`MAX_PACKET`] bytes.
     pub fn new(capacity: usize) -> TxBatch {
-        TxBatch { slots: (0..capacity).map(|_| Vec::with_capacity(MAX_PACKET)).collect(), len: 0 }
+        TxBatch {
+            slots: (0..capacity)
+                .map(|_| Vec::with_capacity(MAX_PACKET))
+                .collect(),
+            len: 0,
+        }
     }
 
     /// Packets queued.

@@ -134,6 +134,9 @@ pub struct SessionStats {
     pub client_retransmits: u64,
     /// Client pure ACKs absorbed (tcpcopy makes its own).
     pub client_acks_absorbed: u64,
+    /// Client segments that filled a hole behind data already sent (the client retransmitted
+    /// what the capture never saw); sent at once.
+    pub client_hole_fills: u64,
     /// Client segments dropped because the session's queue was full.
     pub queue_full: u64,
     /// Client segments sent to the target.
@@ -294,6 +297,10 @@ pub struct Session {
     rto: Duration,
     rto_deadline: Option<Duration>,
     retries: u32,
+    /// Duplicate ACKs in a row (fast retransmit at 3).
+    dupacks: u32,
+    /// Retransmitting holes: each partial ACK retransmits the next unacknowledged segment.
+    recovering: bool,
     linger_until: Duration,
     /// Deadline this session is filed under in the table's timer heap.
     scheduled: Option<Duration>,
@@ -346,6 +353,8 @@ impl Session {
             rto: config.rto_initial,
             rto_deadline: None,
             retries: 0,
+            dupacks: 0,
+            recovering: false,
             linger_until: now,
             scheduled: None,
         }
@@ -402,7 +411,7 @@ impl Session {
             return Verdict::Keep;
         }
         let end = seg.seq.add(seq_len);
-        if !is_rst && !end.after(self.queued_end) {
+        if !is_rst && self.is_duplicate(seg.seq, end) {
             stats.client_retransmits += 1;
             return Verdict::Keep;
         }
@@ -419,9 +428,11 @@ impl Session {
             online_ack: seg.ack,
             packet: packet.to_vec(),
         };
-        // In sequence order among the unsent segments (captures can reorder).
+        // In sequence order: captures can reorder, and a segment lost before the capture point
+        // comes back later as the client's retransmission, behind data we already sent.
         let mut at = self.queue.len();
-        while at > self.sent && self.queue[at - 1].seq.after(seg.seq) {
+        let floor = if is_rst { self.sent } else { 0 };
+        while at > floor && self.queue[at - 1].seq.after(seg.seq) {
             at -= 1;
         }
         self.queued_bytes += segment.packet.len();
@@ -429,7 +440,39 @@ impl Session {
         if end.after(self.queued_end) {
             self.queued_end = end;
         }
+        if at < self.sent {
+            // It fills a hole in what the target has: send it now, whatever the pacing.
+            self.sent += 1;
+            stats.client_hole_fills += 1;
+            if self.state == State::Established {
+                self.send_segment(at, false, out);
+                stats.sent_segments += 1;
+                stats.sent_data += 1;
+                self.last_send_at = now;
+            }
+        }
         self.pump(now, config, stats, out, scratch)
+    }
+
+    /// True when `[seq, end)` was already acknowledged by the target or is queued already
+    /// (a client retransmission of something we have).
+    fn is_duplicate(&self, seq: SeqNum, end: SeqNum) -> bool {
+        if self.state != State::SynSent && !end.after(self.snd_una) {
+            return true;
+        }
+        if end.after(self.queued_end) {
+            return false;
+        }
+        let len = end.diff(seq).max(0) as u32;
+        for queued in self.queue.iter().rev() {
+            if queued.seq == seq {
+                return queued.seq_len >= len;
+            }
+            if queued.seq.before(seq) {
+                break;
+            }
+        }
+        false
     }
 
     /// Sends every queued segment that pacing and the target's window allow.
@@ -492,7 +535,9 @@ impl Session {
         if !seg.flags.contains(TcpFlags::ACK) {
             return true;
         }
-        let Some(base) = self.online_base else { return true };
+        let Some(base) = self.online_base else {
+            return true;
+        };
         let needed = seg.online_ack.diff(base).max(0) as u32;
         let have = self.rcv_nxt.diff(self.target_base).max(0) as u32;
         needed <= have.saturating_add(self.pace_credit)
@@ -522,7 +567,11 @@ impl Session {
                 if let Some((tsval, _)) = tcp.timestamps() {
                     // TSval must never go backwards at the target (PAWS), even though held
                     // segments were captured before later ones we already answered with.
-                    let tsval = if tsval.wrapping_sub(ts_max) as i32 > 0 { tsval } else { ts_max };
+                    let tsval = if tsval.wrapping_sub(ts_max) as i32 > 0 {
+                        tsval
+                    } else {
+                        ts_max
+                    };
                     ts_max = tsval;
                     tcp.rewrite_timestamps(tsval, ts_recent);
                 }
@@ -554,13 +603,25 @@ impl Session {
             src_port: self.key.client_port,
             dst_port: self.key.target_port,
             seq,
-            ack: if flags.contains(TcpFlags::ACK) { self.rcv_nxt } else { SeqNum(0) },
+            ack: if flags.contains(TcpFlags::ACK) {
+                self.rcv_nxt
+            } else {
+                SeqNum(0)
+            },
             flags,
-            window: if flags.contains(TcpFlags::RST) { 0 } else { self.client_window.max(1) },
+            window: if flags.contains(TcpFlags::RST) {
+                0
+            } else {
+                self.client_window.max(1)
+            },
             mss: None,
             window_scale: None,
             sack_permitted: false,
-            timestamps: if with_ts { Some((self.ts_val, self.ts_recent)) } else { None },
+            timestamps: if with_ts {
+                Some((self.ts_val, self.ts_recent))
+            } else {
+                None
+            },
             payload_len: 0,
         };
         scratch.buf.clear();
@@ -582,7 +643,12 @@ impl Session {
     }
 
     /// Sends an RST at our next sequence byte (teardown of a session still open at the target).
-    fn reset_target(&mut self, stats: &mut SessionStats, out: &mut dyn Output, scratch: &mut Scratch) {
+    fn reset_target(
+        &mut self,
+        stats: &mut SessionStats,
+        out: &mut dyn Output,
+        scratch: &mut Scratch,
+    ) {
         if self.state == State::SynSent {
             // The target knows at most our SYN; an RST with the SYN's next sequence ends it.
             let seq = self.client_isn.add(1);
@@ -643,7 +709,30 @@ impl Session {
                 self.ts_recent = tsval;
             }
         }
+        let advanced = resp.ack.after(self.snd_una);
         self.on_ack(resp.ack, now, config);
+        if self.sent > 0 {
+            let duplicate = !advanced
+                && resp.ack == self.snd_una
+                && resp.payload_len == 0
+                && !resp.flags.contains(TcpFlags::FIN);
+            if duplicate {
+                self.dupacks += 1;
+            }
+            // Fast retransmit on the third duplicate ACK; while recovering, every partial
+            // ACK retransmits the next hole at once (one per round trip, not per RTO).
+            if (duplicate && self.dupacks == 3) || (advanced && self.recovering) {
+                self.recovering = true;
+                stats.retransmits += 1;
+                self.send_segment(0, false, out);
+                self.last_send_at = now;
+            }
+        } else {
+            self.recovering = false;
+        }
+        if advanced {
+            self.dupacks = 0;
+        }
         let mut ack_now = false;
         if resp.payload_len > 0 || resp.flags.contains(TcpFlags::FIN) {
             let data_end = resp.seq.add(resp.payload_len);
@@ -651,7 +740,9 @@ impl Session {
                 if data_end.after(self.rcv_nxt) {
                     self.rcv_nxt = data_end;
                 }
-                if resp.flags.contains(TcpFlags::FIN) && data_end == self.rcv_nxt && !self.target_fin
+                if resp.flags.contains(TcpFlags::FIN)
+                    && data_end == self.rcv_nxt
+                    && !self.target_fin
                 {
                     self.rcv_nxt = self.rcv_nxt.add(1);
                     self.target_fin = true;
@@ -746,7 +837,11 @@ impl Session {
         }
         self.retries = 0;
         self.rto = config.rto_initial;
-        self.rto_deadline = if self.sent > 0 { Some(now + self.rto) } else { None };
+        self.rto_deadline = if self.sent > 0 {
+            Some(now + self.rto)
+        } else {
+            None
+        };
     }
 
     /// The next moment this session needs [`Session::on_timer`].
@@ -777,7 +872,11 @@ impl Session {
         scratch: &mut Scratch,
     ) -> Verdict {
         if self.state == State::Closed {
-            return if now >= self.linger_until { Verdict::Remove } else { Verdict::Keep };
+            return if now >= self.linger_until {
+                Verdict::Remove
+            } else {
+                Verdict::Keep
+            };
         }
         // Retransmission.
         if let Some(deadline) = self.rto_deadline {
@@ -797,6 +896,7 @@ impl Session {
                 }
                 if self.sent > 0 {
                     stats.retransmits += 1;
+                    self.recovering = self.state == State::Established;
                     self.send_segment(0, false, out);
                 } else {
                     self.rto_deadline = None;
@@ -846,8 +946,18 @@ fn strip_sack(packet: &mut [u8]) {
 }
 
 /// The client address a reply is addressed to, and the target it came from.
-pub fn response_key(client_ip: Ipv4Addr, client_port: u16, target_ip: Ipv4Addr, target_port: u16) -> FlowKey {
-    FlowKey { client_ip, client_port, target_ip, target_port }
+pub fn response_key(
+    client_ip: Ipv4Addr,
+    client_port: u16,
+    target_ip: Ipv4Addr,
+    target_port: u16,
+) -> FlowKey {
+    FlowKey {
+        client_ip,
+        client_port,
+        target_ip,
+        target_port,
+    }
 }
 
 #[cfg(test)]

@@ -93,7 +93,13 @@ impl SessionTable {
         now: Duration,
         out: &mut dyn Output,
     ) {
-        let Self { config, sessions, stats, scratch, .. } = self;
+        let Self {
+            config,
+            sessions,
+            stats,
+            scratch,
+            ..
+        } = self;
         if seg.flags.contains(TcpFlags::SYN) {
             if seg.flags.contains(TcpFlags::ACK) {
                 return; // A SYN-ACK from the client side: not a session we replay.
@@ -152,7 +158,13 @@ impl SessionTable {
 
     /// Handles one reply of the target relayed by intercept.
     pub fn on_response(&mut self, resp: &Response, now: Duration, out: &mut dyn Output) {
-        let Self { config, sessions, stats, scratch, .. } = self;
+        let Self {
+            config,
+            sessions,
+            stats,
+            scratch,
+            ..
+        } = self;
         let Some(session) = sessions.get_mut(&resp.key) else {
             stats.response_no_session += 1;
             return;
@@ -165,13 +177,23 @@ impl SessionTable {
     pub fn run_timers(&mut self, now: Duration, budget: usize, out: &mut dyn Output) -> usize {
         let mut ran = 0;
         while ran < budget {
-            let Some(Reverse(Timer(deadline, key))) = self.timers.peek().copied() else { break };
+            let Some(Reverse(Timer(deadline, key))) = self.timers.peek().copied() else {
+                break;
+            };
             if deadline > now {
                 break;
             }
             self.timers.pop();
-            let Self { config, sessions, stats, scratch, .. } = self;
-            let Some(session) = sessions.get_mut(&key) else { continue };
+            let Self {
+                config,
+                sessions,
+                stats,
+                scratch,
+                ..
+            } = self;
+            let Some(session) = sessions.get_mut(&key) else {
+                continue;
+            };
             if session.scheduled != Some(deadline) {
                 continue; // stale entry
             }
@@ -195,7 +217,13 @@ impl SessionTable {
     /// Ends every open session at the target (an RST each) and empties the table: what a
     /// clean stop owes the target.
     pub fn shutdown(&mut self, now: Duration, out: &mut dyn Output) {
-        let Self { config, sessions, stats, scratch, .. } = self;
+        let Self {
+            config,
+            sessions,
+            stats,
+            scratch,
+            ..
+        } = self;
         for (key, session) in sessions.iter_mut() {
             if !session.is_closed() {
                 session.reset_target(stats, out, scratch);
@@ -220,7 +248,9 @@ impl SessionTable {
     }
 
     fn schedule(&mut self, key: FlowKey) {
-        let Some(session) = self.sessions.get_mut(&key) else { return };
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
         let deadline = session.deadline(&self.config);
         match session.scheduled {
             Some(current) if current <= deadline => {}

@@ -41,7 +41,10 @@ impl Rec {
                 let ip = Ipv4Packet::new_checked(&p[..]).expect("valid IPv4");
                 assert!(ip.verify_checksum(), "IPv4 checksum");
                 let tcp = TcpPacket::new_checked(ip.payload()).expect("valid TCP");
-                assert!(tcp.verify_checksum(ip.src_addr(), ip.dst_addr()), "TCP checksum");
+                assert!(
+                    tcp.verify_checksum(ip.src_addr(), ip.dst_addr()),
+                    "TCP checksum"
+                );
                 assert_eq!(ip.src_addr(), key().client_ip);
                 assert_eq!(ip.dst_addr(), key().target_ip);
                 Out {
@@ -74,7 +77,13 @@ fn ms(n: u64) -> Duration {
 }
 
 /// A captured client packet, already target-facing.
-fn client(flags: TcpFlags, seq: u32, ack: u32, payload: &[u8], ts: Option<u32>) -> (Vec<u8>, ClientSegment) {
+fn client(
+    flags: TcpFlags,
+    seq: u32,
+    ack: u32,
+    payload: &[u8],
+    ts: Option<u32>,
+) -> (Vec<u8>, ClientSegment) {
     let repr = TcpRepr {
         src_port: key().client_port,
         dst_port: key().target_port,
@@ -82,14 +91,30 @@ fn client(flags: TcpFlags, seq: u32, ack: u32, payload: &[u8], ts: Option<u32>) 
         ack: SeqNum(ack),
         flags,
         window: 502,
-        mss: if flags.contains(TcpFlags::SYN) { Some(1460) } else { None },
-        window_scale: if flags.contains(TcpFlags::SYN) { Some(7) } else { None },
+        mss: if flags.contains(TcpFlags::SYN) {
+            Some(1460)
+        } else {
+            None
+        },
+        window_scale: if flags.contains(TcpFlags::SYN) {
+            Some(7)
+        } else {
+            None
+        },
         sack_permitted: flags.contains(TcpFlags::SYN),
         timestamps: ts.map(|v| (v, 0)),
         payload_len: payload.len(),
     };
     let mut buf = Vec::new();
-    emit_ipv4_tcp(&mut buf, key().client_ip, key().target_ip, 7, 64, &repr, payload);
+    emit_ipv4_tcp(
+        &mut buf,
+        key().client_ip,
+        key().target_ip,
+        7,
+        64,
+        &repr,
+        payload,
+    );
     let seg = ClientSegment::parse(&buf).expect("parse");
     (buf, seg)
 }
@@ -103,7 +128,11 @@ fn resp(flags: TcpFlags, seq: u32, ack: u32, len: u32) -> Response {
         window: 512,
         payload_len: len,
         timestamps: None,
-        window_scale: if flags.contains(TcpFlags::SYN) { Some(7) } else { None },
+        window_scale: if flags.contains(TcpFlags::SYN) {
+            Some(7)
+        } else {
+            None
+        },
     }
 }
 
@@ -118,14 +147,19 @@ struct Harness {
 
 impl Harness {
     fn new(config: SessionConfig) -> Harness {
-        Harness { table: SessionTable::new(config), out: Rec::default() }
+        Harness {
+            table: SessionTable::new(config),
+            out: Rec::default(),
+        }
     }
     fn client(&mut self, flags: TcpFlags, seq: u32, ack: u32, payload: &[u8], now: Duration) {
         let (p, s) = client(flags, seq, ack, payload, None);
-        self.table.on_client_packet(key(), &p, &s, now, &mut self.out);
+        self.table
+            .on_client_packet(key(), &p, &s, now, &mut self.out);
     }
     fn resp(&mut self, flags: TcpFlags, seq: u32, ack: u32, len: u32, now: Duration) {
-        self.table.on_response(&resp(flags, seq, ack, len), now, &mut self.out);
+        self.table
+            .on_response(&resp(flags, seq, ack, len), now, &mut self.out);
     }
     fn timers(&mut self, now: Duration) {
         self.table.run_timers(now, usize::MAX, &mut self.out);
@@ -155,9 +189,21 @@ fn handshake_then_data_with_rewritten_ack() {
     h.resp(TcpFlags::SYN | A, T_ISN, C_ISN + 1, 0, ms(2));
     let sent = h.out.take();
     assert_eq!(sent.len(), 2, "{sent:?}");
-    assert_eq!(sent[0], Out { flags: A, seq: C_ISN + 1, ack: T_BASE, len: 0, ts: None });
+    assert_eq!(
+        sent[0],
+        Out {
+            flags: A,
+            seq: C_ISN + 1,
+            ack: T_BASE,
+            len: 0,
+            ts: None
+        }
+    );
     assert_eq!(sent[1].flags, PA);
-    assert_eq!((sent[1].seq, sent[1].ack, sent[1].len), (C_ISN + 1, T_BASE, 18));
+    assert_eq!(
+        (sent[1].seq, sent[1].ack, sent[1].len),
+        (C_ISN + 1, T_BASE, 18)
+    );
     assert_eq!(h.table.stats().established, 1);
     assert_eq!(h.table.stats().client_acks_absorbed, 1);
 }
@@ -170,20 +216,38 @@ fn requests_are_paced_behind_response_bytes() {
     assert_eq!(h.out.take().len(), 1);
     // The online server answered 100 bytes before the client sent request 2.
     h.client(PA, C_ISN + 5, O_BASE + 100, b"req2", ms(3));
-    assert!(h.out.take().is_empty(), "request 2 waits for the target's answer");
+    assert!(
+        h.out.take().is_empty(),
+        "request 2 waits for the target's answer"
+    );
     h.resp(A, T_BASE, C_ISN + 5, 60, ms(4));
     let sent = h.out.take();
-    assert_eq!(sent, vec![Out { flags: A, seq: C_ISN + 5, ack: T_BASE + 60, len: 0, ts: None }]);
+    assert_eq!(
+        sent,
+        vec![Out {
+            flags: A,
+            seq: C_ISN + 5,
+            ack: T_BASE + 60,
+            len: 0,
+            ts: None
+        }]
+    );
     h.resp(A, T_BASE + 60, C_ISN + 5, 40, ms(5));
     let sent = h.out.take();
     assert_eq!(sent.len(), 1, "request 2 carries the ACK: {sent:?}");
-    assert_eq!((sent[0].seq, sent[0].ack, sent[0].len), (C_ISN + 5, T_BASE + 100, 4));
+    assert_eq!(
+        (sent[0].seq, sent[0].ack, sent[0].len),
+        (C_ISN + 5, T_BASE + 100, 4)
+    );
     assert_eq!(h.table.stats().pace_releases, 0);
 }
 
 #[test]
 fn shorter_target_answer_is_released_after_silence() {
-    let config = SessionConfig { pace_idle: ms(50), ..SessionConfig::default() };
+    let config = SessionConfig {
+        pace_idle: ms(50),
+        ..SessionConfig::default()
+    };
     let mut h = Harness::new(config);
     h.establish();
     h.client(PA, C_ISN + 1, O_BASE, b"req1", ms(2));
@@ -195,7 +259,10 @@ fn shorter_target_answer_is_released_after_silence() {
     h.timers(ms(61));
     let sent = h.out.take();
     assert_eq!(sent.len(), 1);
-    assert_eq!((sent[0].seq, sent[0].ack, sent[0].len), (C_ISN + 5, T_BASE + 70, 4));
+    assert_eq!(
+        (sent[0].seq, sent[0].ack, sent[0].len),
+        (C_ISN + 5, T_BASE + 70, 4)
+    );
     assert_eq!(h.table.stats().pace_releases, 1);
     // The write-off carries over: request 3 after another 100 online bytes needs 100 more.
     h.resp(A, T_BASE + 70, C_ISN + 9, 100, ms(62));
@@ -206,7 +273,10 @@ fn shorter_target_answer_is_released_after_silence() {
 
 #[test]
 fn no_wait_sends_as_captured() {
-    let config = SessionConfig { pacing: Pacing::NoWait, ..SessionConfig::default() };
+    let config = SessionConfig {
+        pacing: Pacing::NoWait,
+        ..SessionConfig::default()
+    };
     let mut h = Harness::new(config);
     h.establish();
     h.client(PA, C_ISN + 1, O_BASE, b"req1", ms(2));
@@ -216,7 +286,11 @@ fn no_wait_sends_as_captured() {
 
 #[test]
 fn syn_and_data_are_retransmitted_then_given_up() {
-    let config = SessionConfig { rto_initial: ms(100), max_retries: 2, ..SessionConfig::default() };
+    let config = SessionConfig {
+        rto_initial: ms(100),
+        max_retries: 2,
+        ..SessionConfig::default()
+    };
     let mut h = Harness::new(config);
     h.client(TcpFlags::SYN, C_ISN, 0, b"", ms(0));
     h.out.take();
@@ -226,7 +300,11 @@ fn syn_and_data_are_retransmitted_then_given_up() {
     let sent = h.out.take();
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].flags, TcpFlags::SYN);
-    assert_eq!(h.out.registered.len(), 2, "the route is registered again with the SYN");
+    assert_eq!(
+        h.out.registered.len(),
+        2,
+        "the route is registered again with the SYN"
+    );
     h.resp(TcpFlags::SYN | A, T_ISN, C_ISN + 1, 0, ms(150));
     h.client(PA, C_ISN + 1, O_BASE, b"data", ms(150));
     h.out.take();
@@ -248,7 +326,10 @@ fn syn_and_data_are_retransmitted_then_given_up() {
 
 #[test]
 fn fin_exchange_closes_and_the_session_is_removed() {
-    let config = SessionConfig { linger: ms(1000), ..SessionConfig::default() };
+    let config = SessionConfig {
+        linger: ms(1000),
+        ..SessionConfig::default()
+    };
     let mut h = Harness::new(config);
     h.establish();
     h.client(PA, C_ISN + 1, O_BASE, b"GET", ms(2));
@@ -256,11 +337,24 @@ fn fin_exchange_closes_and_the_session_is_removed() {
     h.resp(PA, T_BASE, C_ISN + 4, 10, ms(3));
     h.resp(FA, T_BASE + 10, C_ISN + 4, 0, ms(3));
     let sent = h.out.take();
-    assert_eq!(sent.last().unwrap().ack, T_BASE + 11, "the target's FIN is acknowledged");
+    assert_eq!(
+        sent.last().unwrap().ack,
+        T_BASE + 11,
+        "the target's FIN is acknowledged"
+    );
     // The client's FIN acknowledged 10 bytes + FIN online.
     h.client(FA, C_ISN + 4, O_BASE + 11, b"", ms(4));
     let sent = h.out.take();
-    assert_eq!(sent, vec![Out { flags: FA, seq: C_ISN + 4, ack: T_BASE + 11, len: 0, ts: None }]);
+    assert_eq!(
+        sent,
+        vec![Out {
+            flags: FA,
+            seq: C_ISN + 4,
+            ack: T_BASE + 11,
+            len: 0,
+            ts: None
+        }]
+    );
     h.resp(A, T_BASE + 11, C_ISN + 5, 0, ms(5));
     assert_eq!(h.table.stats().closed, 1);
     assert!(h.table.get(&key()).unwrap().is_closed());
@@ -331,12 +425,18 @@ fn target_reset_closes() {
 
 #[test]
 fn silent_target_times_out() {
-    let config = SessionConfig { timeout: Duration::from_secs(5), ..SessionConfig::default() };
+    let config = SessionConfig {
+        timeout: Duration::from_secs(5),
+        ..SessionConfig::default()
+    };
     let mut h = Harness::new(config);
     h.establish();
     h.timers(Duration::from_secs(6));
     let sent = h.out.take();
-    assert!(sent.iter().any(|o| o.flags.contains(TcpFlags::RST)), "{sent:?}");
+    assert!(
+        sent.iter().any(|o| o.flags.contains(TcpFlags::RST)),
+        "{sent:?}"
+    );
     assert_eq!(h.table.stats().timed_out, 1);
 }
 
@@ -349,7 +449,11 @@ fn timestamps_are_rewritten_and_monotonic() {
     synack.timestamps = Some((7_000, 500));
     h.table.on_response(&synack, ms(1), &mut h.out);
     let sent = h.out.take();
-    assert_eq!(sent[1].ts, Some((500, 7_000)), "handshake ACK echoes the target");
+    assert_eq!(
+        sent[1].ts,
+        Some((500, 7_000)),
+        "handshake ACK echoes the target"
+    );
     let (p, s) = client(PA, C_ISN + 1, O_BASE, b"req1", Some(510));
     h.table.on_client_packet(key(), &p, &s, ms(2), &mut h.out);
     // Captured later but with an older TSval (reordering): never goes backwards.
@@ -362,19 +466,29 @@ fn timestamps_are_rewritten_and_monotonic() {
 
 #[test]
 fn queue_is_bounded() {
-    let config = SessionConfig { max_queued_segments: 3, ..SessionConfig::default() };
+    let config = SessionConfig {
+        max_queued_segments: 3,
+        ..SessionConfig::default()
+    };
     let mut h = Harness::new(config);
     h.client(TcpFlags::SYN, C_ISN, 0, b"", ms(0));
     for i in 0..5u32 {
         h.client(PA, C_ISN + 1 + i, O_BASE, b"x", ms(1));
     }
-    assert_eq!(h.table.get(&key()).unwrap().queued(), 3, "the SYN and two segments");
+    assert_eq!(
+        h.table.get(&key()).unwrap().queued(),
+        3,
+        "the SYN and two segments"
+    );
     assert_eq!(h.table.stats().queue_full, 3);
 }
 
 #[test]
 fn table_is_bounded_and_shutdown_resets_everything() {
-    let config = SessionConfig { max_sessions: 2, ..SessionConfig::default() };
+    let config = SessionConfig {
+        max_sessions: 2,
+        ..SessionConfig::default()
+    };
     let mut table = SessionTable::new(config);
     let mut out = Rec::default();
     for port in 1..=3u16 {
@@ -400,4 +514,55 @@ fn mid_stream_segments_are_counted_not_replayed() {
     assert_eq!(h.table.stats().client_no_session, 1);
     h.resp(A, T_BASE, C_ISN, 0, ms(0));
     assert_eq!(h.table.stats().response_no_session, 1);
+}
+
+#[test]
+fn a_late_segment_fills_the_hole_behind_sent_data() {
+    let mut h = Harness::new(SessionConfig::default());
+    h.establish();
+    // The capture missed "bbbb" the first time; the client retransmits it after "cccc".
+    h.client(PA, C_ISN + 1, O_BASE, b"aaaa", ms(2));
+    h.client(PA, C_ISN + 9, O_BASE, b"cccc", ms(2));
+    assert_eq!(h.out.take().len(), 2);
+    h.client(PA, C_ISN + 5, O_BASE, b"bbbb", ms(3));
+    let sent = h.out.take();
+    assert_eq!(sent.len(), 1, "the hole is filled at once");
+    assert_eq!((sent[0].seq, sent[0].len), (C_ISN + 5, 4));
+    assert_eq!(h.table.stats().client_hole_fills, 1);
+    assert_eq!(h.table.stats().client_retransmits, 0);
+    // Its duplicate is absorbed; the target's ACK of everything empties the queue.
+    h.client(PA, C_ISN + 5, O_BASE, b"bbbb", ms(3));
+    assert!(h.out.take().is_empty());
+    assert_eq!(h.table.stats().client_retransmits, 1);
+    h.resp(A, T_BASE, C_ISN + 13, 0, ms(4));
+    assert_eq!(h.table.get(&key()).unwrap().queued(), 0);
+    // Acknowledged data captured again is a duplicate too.
+    h.client(PA, C_ISN + 1, O_BASE, b"aaaa", ms(5));
+    assert_eq!(h.table.stats().client_retransmits, 2);
+}
+
+#[test]
+fn duplicate_acks_and_partial_acks_retransmit_holes() {
+    let mut h = Harness::new(SessionConfig::default());
+    h.establish();
+    for i in 0..5u32 {
+        h.client(PA, C_ISN + 1 + 4 * i, O_BASE, b"data", ms(2));
+    }
+    assert_eq!(h.out.take().len(), 5);
+    // The target lost segments 2 and 4: it acknowledges segment 1, then duplicates.
+    h.resp(A, T_BASE, C_ISN + 5, 0, ms(3));
+    for _ in 0..3 {
+        h.resp(A, T_BASE, C_ISN + 5, 0, ms(3));
+    }
+    let sent = h.out.take();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].seq, C_ISN + 5, "fast retransmit of the first hole");
+    // Partial ACK up to the second hole: retransmitted at once.
+    h.resp(A, T_BASE, C_ISN + 13, 0, ms(4));
+    let sent = h.out.take();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].seq, C_ISN + 13);
+    h.resp(A, T_BASE, C_ISN + 21, 0, ms(5));
+    assert!(h.out.take().is_empty());
+    assert_eq!(h.table.stats().retransmits, 2);
 }

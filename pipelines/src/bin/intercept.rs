@@ -72,14 +72,25 @@ fn main() {
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let bind: Ipv4Addr = args.bind.parse().with_context(|| {
-        format!("bad -b value '{}': not an IPv4 address (e.g. -b 10.0.0.40)", args.bind)
+        format!(
+            "bad -b value '{}': not an IPv4 address (e.g. -b 10.0.0.40)",
+            args.bind
+        )
     })?;
     let config = InterceptConfig {
         interface: args.interface.clone(),
         filter: args.filter.clone(),
         listen: SocketAddrV4::new(bind, args.port),
-        record_format: if args.payload_records { RecordFormat::Payload192 } else { RecordFormat::Header64 },
-        framing: if args.plain_framing { Framing::Plain } else { Framing::Combined },
+        record_format: if args.payload_records {
+            RecordFormat::Payload192
+        } else {
+            RecordFormat::Header64
+        },
+        framing: if args.plain_framing {
+            Framing::Plain
+        } else {
+            Framing::Combined
+        },
         route_timeout: Duration::from_secs(args.route_timeout.max(1)),
         stats_interval: (args.stats_interval > 0).then(|| Duration::from_secs(args.stats_interval)),
     };
@@ -87,7 +98,11 @@ fn run() -> anyhow::Result<()> {
         cli::daemonize()?;
     }
     cli::init_logging(args.log.as_deref(), &args.log_level)?;
-    let _pid = args.pid_file.as_deref().map(cli::PidFile::create).transpose()?;
+    let _pid = args
+        .pid_file
+        .as_deref()
+        .map(cli::PidFile::create)
+        .transpose()?;
     let stop = cli::stop_flag(!args.daemon)?;
     tracing::info!(
         "intercept {} starting: -i {} -F \"{}\" listening on {}",

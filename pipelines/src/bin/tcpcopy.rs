@@ -104,18 +104,34 @@ fn main() {
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let transfers = parse_transfers(&args.transfers)?;
-    let clients = args.clients.as_deref().map(|c| ClientAddrs::parse(c, &transfers)).transpose()?;
+    let clients = args
+        .clients
+        .as_deref()
+        .map(|c| ClientAddrs::parse(c, &transfers))
+        .transpose()?;
     let intercepts = cli::parse_servers(&args.servers, args.port)?;
     if !(1..=16).contains(&args.connections) {
-        anyhow::bail!("bad -C value {}: use 1..16 connections per intercept", args.connections);
+        anyhow::bail!(
+            "bad -C value {}: use 1..16 connections per intercept",
+            args.connections
+        );
     }
-    let filter = args.filter.clone().unwrap_or_else(|| capture_filter(&transfers));
+    let filter = args
+        .filter
+        .clone()
+        .unwrap_or_else(|| capture_filter(&transfers));
     let timeout = Duration::from_secs(args.timeout);
     let session = SessionConfig {
-        pacing: if args.no_wait { Pacing::NoWait } else { Pacing::WaitForResponse },
+        pacing: if args.no_wait {
+            Pacing::NoWait
+        } else {
+            Pacing::WaitForResponse
+        },
         pace_idle: Duration::from_millis(args.pace_idle_ms.max(1)),
         timeout,
-        keepalive: args.keepalive.map_or(timeout + Duration::from_secs(120), Duration::from_secs),
+        keepalive: args
+            .keepalive
+            .map_or(timeout + Duration::from_secs(120), Duration::from_secs),
         ..SessionConfig::default()
     };
     let config = TcpcopyConfig {
@@ -126,8 +142,16 @@ fn run() -> anyhow::Result<()> {
         output_interface: args.output_interface.clone(),
         intercepts,
         connections: args.connections,
-        record_format: if args.payload_records { RecordFormat::Payload192 } else { RecordFormat::Header64 },
-        framing: if args.plain_framing { Framing::Plain } else { Framing::Combined },
+        record_format: if args.payload_records {
+            RecordFormat::Payload192
+        } else {
+            RecordFormat::Header64
+        },
+        framing: if args.plain_framing {
+            Framing::Plain
+        } else {
+            Framing::Combined
+        },
         session,
         stats_interval: (args.stats_interval > 0).then(|| Duration::from_secs(args.stats_interval)),
         busy_poll: args.busy_poll,
@@ -136,7 +160,11 @@ fn run() -> anyhow::Result<()> {
         cli::daemonize()?;
     }
     cli::init_logging(args.log.as_deref(), &args.log_level)?;
-    let _pid = args.pid_file.as_deref().map(cli::PidFile::create).transpose()?;
+    let _pid = args
+        .pid_file
+        .as_deref()
+        .map(cli::PidFile::create)
+        .transpose()?;
     let stop = cli::stop_flag(!args.daemon)?;
     let _ = (args.only_syn, args.lonely);
     tracing::info!(

@@ -133,7 +133,11 @@ impl Intercept {
             .name("intercept".into())
             .spawn(move || run(config, capture, server, &thread_stop, &thread_stats))
             .context("cannot start the intercept thread")?;
-        Ok(Intercept { stop, stats, thread: Some(thread) })
+        Ok(Intercept {
+            stop,
+            stats,
+            thread: Some(thread),
+        })
     }
 
     /// The counters so far.
@@ -158,7 +162,8 @@ impl Intercept {
     pub fn join(mut self) -> anyhow::Result<InterceptStats> {
         self.stop();
         if let Some(t) = self.thread.take() {
-            t.join().map_err(|_| anyhow::anyhow!("the intercept thread panicked"))??;
+            t.join()
+                .map_err(|_| anyhow::anyhow!("the intercept thread panicked"))??;
         }
         Ok(self.stats())
     }
@@ -171,7 +176,9 @@ enum Extracted {
 }
 
 fn extract(frame: &[u8], record_format: RecordFormat, record: &mut [u8]) -> Extracted {
-    let Ok(eth) = EthernetFrame::new_checked(frame) else { return Extracted::Ignored };
+    let Ok(eth) = EthernetFrame::new_checked(frame) else {
+        return Extracted::Ignored;
+    };
     if eth.ethertype() != ETHERTYPE_IPV4 {
         return Extracted::Ignored;
     }
@@ -179,8 +186,13 @@ fn extract(frame: &[u8], record_format: RecordFormat, record: &mut [u8]) -> Extr
     if encode_record(&frame[eth.header_len()..], record_format, record).is_err() {
         return Extracted::Ignored;
     }
-    let Ok(header) = ResponseHeader::parse(record) else { return Extracted::Ignored };
-    Extracted::Reply { key: header.flow_key(), syn_or_rst: header.is_syn() || header.is_rst() }
+    let Ok(header) = ResponseHeader::parse(record) else {
+        return Extracted::Ignored;
+    };
+    Extracted::Reply {
+        key: header.flow_key(),
+        syn_or_rst: header.is_syn() || header.is_rst(),
+    }
 }
 
 fn run(
@@ -191,7 +203,9 @@ fn run(
     shared: &Mutex<InterceptStats>,
 ) -> anyhow::Result<()> {
     if let Some(fd) = capture.wait_fd() {
-        server.register_fd(fd, CAPTURE_TOKEN).context("register the capture socket")?;
+        server
+            .register_fd(fd, CAPTURE_TOKEN)
+            .context("register the capture socket")?;
     }
     let mut routes = RouteTable::new(config.route_timeout, 1 << 22);
     let mut delayed = DelayQueue::new(Duration::from_secs(30), 1 << 16, 4);
@@ -240,12 +254,20 @@ fn run(
             .map(|d| d.saturating_duration_since(now))
             .unwrap_or(Duration::from_millis(50))
             .min(Duration::from_millis(50));
-        server.poll(Some(timeout), &mut |event| events.push(event)).context("control poll failed")?;
+        server
+            .poll(Some(timeout), &mut |event| events.push(event))
+            .context("control poll failed")?;
         for event in events.drain(..) {
             match event {
-                ServerEvent::Message(conn, message) => {
-                    handle_message(conn, message, Instant::now(), &mut routes, &mut delayed, &mut server, &mut stats)
-                }
+                ServerEvent::Message(conn, message) => handle_message(
+                    conn,
+                    message,
+                    Instant::now(),
+                    &mut routes,
+                    &mut delayed,
+                    &mut server,
+                    &mut stats,
+                ),
                 ServerEvent::Connected(_, peer) => {
                     stats.connections += 1;
                     tracing::info!("tcpcopy connected from {peer}");

@@ -89,7 +89,11 @@ pub enum LinkType {
 impl Ingress {
     /// Ingress for these transfers and optional `-c` addresses.
     pub fn new(transfers: Vec<Transfer>, clients: Option<ClientAddrs>) -> Ingress {
-        Ingress { transfers, clients, stats: IngressStats::default() }
+        Ingress {
+            transfers,
+            clients,
+            stats: IngressStats::default(),
+        }
     }
 
     /// The counters.

@@ -13,7 +13,9 @@ use self::ingress::{Ingress, IngressStats, LinkType};
 use self::transform::{ClientAddrs, Transfer};
 use anyhow::Context;
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
-use engine::control::{ClientConfig, ClientMessage, ClientStats, ControlClient, Framing, RecordFormat};
+use engine::control::{
+    ClientConfig, ClientMessage, ClientStats, ControlClient, Framing, RecordFormat,
+};
 use engine::flow::FlowKey;
 use engine::port::afpacket::{AfPacketConfig, AfPacketRx};
 use engine::port::rawsock::{RawIpConfig, RawIpTx};
@@ -95,13 +97,14 @@ impl TcpcopyStats {
         let mut line = String::new();
         let _ = write!(
             line,
-            "captured {} accepted {} (data {}) dropped: malformed {}: truncated {} bad-version {} bad-ihl {} \
+            "captured {} capture-drops {} accepted {} (data {}) dropped: malformed {}: truncated {} bad-version {} bad-ihl {} \
              bad-total-len {} bad-data-offset {} bad-options {} cut-short {} | no-transfer {} not-tcp {} fragments {} | \
              sessions {} created {} established {} closed {} client-rst {} target-rst {} timed-out {} gave-up {} \
-             port-reuse-reset {} port-reuse-replaced {} table-full {} no-session {} | sent {} data {} syn {} fin {} rst {} acks {} \
+             port-reuse-reset {} port-reuse-replaced {} table-full {} no-session {} queue-full {} client-retransmits {} | sent {} data {} syn {} fin {} rst {} acks {} \
              retransmits {} pace-releases {} tx-errors {} | replies {} (data {}) unmatched {} | \
              control up {} sent {} dropped {} reconnects {} queue-full {}",
             i.captured,
+            self.capture.rx_dropped,
             i.accepted,
             i.accepted_data,
             i.malformed(),
@@ -127,6 +130,8 @@ impl TcpcopyStats {
             s.port_reuse_replaced,
             s.table_full,
             s.client_no_session,
+            s.queue_full,
+            s.client_retransmits,
             s.sent_segments + s.sent_acks,
             s.sent_data,
             s.sent_syn,
@@ -189,7 +194,8 @@ impl Tcpcopy {
         client_config.format = config.record_format;
         client_config.framing = config.framing;
         client_config.lonely = true;
-        let client = ControlClient::new(client_config).context("cannot set up the control channel")?;
+        let client =
+            ControlClient::new(client_config).context("cannot set up the control channel")?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Mutex::new(TcpcopyStats::default()));
@@ -199,7 +205,11 @@ impl Tcpcopy {
         let worker_waker = Arc::new(Waker::new(poll.registry(), WAKE).context("mio waker")?);
         let parked = Arc::new(AtomicBool::new(false));
         let control_waker = client.waker();
-        let link = WorkerLink { replies: reply_tx, waker: worker_waker.clone(), parked: parked.clone() };
+        let link = WorkerLink {
+            replies: reply_tx,
+            waker: worker_waker.clone(),
+            parked: parked.clone(),
+        };
 
         let worker = Worker {
             poll,
@@ -227,7 +237,16 @@ impl Tcpcopy {
         let interval = config.stats_interval;
         let control = std::thread::Builder::new()
             .name("tcpcopy-control".into())
-            .spawn(move || control_loop(client, from_workers, vec![link], &control_stop, &control_stats, interval))
+            .spawn(move || {
+                control_loop(
+                    client,
+                    from_workers,
+                    vec![link],
+                    &control_stop,
+                    &control_stats,
+                    interval,
+                )
+            })
             .context("cannot start the control thread")?;
         Ok(Tcpcopy {
             stop,
@@ -264,7 +283,10 @@ impl Tcpcopy {
     pub fn join(mut self) -> anyhow::Result<TcpcopyStats> {
         self.stop();
         let mut result = Ok(());
-        for handle in [self.worker.take(), self.control.take()].into_iter().flatten() {
+        for handle in [self.worker.take(), self.control.take()]
+            .into_iter()
+            .flatten()
+        {
             match handle.join() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -342,7 +364,9 @@ impl WorkerOutput<'_> {
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker").field("sessions", &self.table.len()).finish()
+        f.debug_struct("Worker")
+            .field("sessions", &self.table.len())
+            .finish()
     }
 }
 
@@ -404,7 +428,16 @@ impl Worker {
     /// One round: a capture burst, the replies waiting, due timers, transmit.
     fn iterate(&mut self, now: Duration) -> anyhow::Result<(usize, usize)> {
         let mut queued_control = 0usize;
-        let Worker { capture, transmit, batch, ingress, table, to_control, packet, .. } = self;
+        let Worker {
+            capture,
+            transmit,
+            batch,
+            ingress,
+            table,
+            to_control,
+            packet,
+            ..
+        } = self;
         let mut out = WorkerOutput {
             transmit: transmit.as_mut(),
             batch,
@@ -423,7 +456,9 @@ impl Worker {
             .context("capture failed")?;
         let mut replies = 0;
         while replies < BURST * 4 {
-            let Ok(resp) = self.replies.try_recv() else { break };
+            let Ok(resp) = self.replies.try_recv() else {
+                break;
+            };
             table.on_response(&resp, now, &mut out);
             replies += 1;
         }
@@ -433,7 +468,9 @@ impl Worker {
             let _ = self.control_waker.wake();
         }
         if !self.batch.is_empty() {
-            self.transmit.tx_burst(&mut self.batch).context("transmit failed")?;
+            self.transmit
+                .tx_burst(&mut self.batch)
+                .context("transmit failed")?;
         }
         Ok((received, replies))
     }
@@ -490,15 +527,16 @@ fn control_loop(
                 break;
             }
         }
-        client.poll(Some(Duration::from_millis(20)), &mut |header| {
-            let resp = to_response(header);
-            let owner = resp.key.shard(workers.len());
-            match workers[owner].replies.try_send(resp) {
-                Ok(()) => woke[owner] = true,
-                Err(_) => reply_queue_full += 1,
-            }
-        })
-        .context("control channel poll failed")?;
+        client
+            .poll(Some(Duration::from_millis(20)), &mut |header| {
+                let resp = to_response(header);
+                let owner = resp.key.shard(workers.len());
+                match workers[owner].replies.try_send(resp) {
+                    Ok(()) => woke[owner] = true,
+                    Err(_) => reply_queue_full += 1,
+                }
+            })
+            .context("control channel poll failed")?;
         for (i, w) in workers.iter().enumerate() {
             if woke[i] && w.parked.load(Ordering::SeqCst) {
                 let _ = w.waker.wake();

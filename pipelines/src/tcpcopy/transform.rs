@@ -42,7 +42,8 @@ pub struct FlagError {
 }
 
 const X_FORM: &str = "[onlineIP:]onlinePort-targetIP:targetPort[,...], e.g. 80-10.77.0.30:8080 or 10.0.0.5:80-10.0.0.9:8080";
-const C_FORM: &str = "a comma list of IPv4 addresses or a.b.c.x ranges (x = 1..254), e.g. 10.9.9.x,10.9.8.7";
+const C_FORM: &str =
+    "a comma list of IPv4 addresses or a.b.c.x ranges (x = 1..254), e.g. 10.9.9.x,10.9.8.7";
 
 fn parse_port(text: &str, what: &str) -> Result<u16, String> {
     match text.parse::<u32>() {
@@ -54,7 +55,8 @@ fn parse_port(text: &str, what: &str) -> Result<u16, String> {
 }
 
 fn parse_ip(text: &str, what: &str) -> Result<Ipv4Addr, String> {
-    text.parse::<Ipv4Addr>().map_err(|_| format!("{what} address '{text}' is not an IPv4 address"))
+    text.parse::<Ipv4Addr>()
+        .map_err(|_| format!("{what} address '{text}' is not an IPv4 address"))
 }
 
 /// Parses a `-x` transfer list.
@@ -75,24 +77,41 @@ pub fn parse_transfers(text: &str) -> Result<Vec<Transfer>, FlagError> {
     for entry in text.split(',') {
         let entry = entry.trim();
         let Some((online, target)) = entry.split_once('-') else {
-            return Err(err(entry, "the entry has no '-' between the online and target sides".into()));
+            return Err(err(
+                entry,
+                "the entry has no '-' between the online and target sides".into(),
+            ));
         };
         let (online_ip, online_port) = match online.rsplit_once(':') {
             Some((ip, port)) => (
                 Some(parse_ip(ip, "online").map_err(|r| err(entry, r))?),
                 parse_port(port, "online").map_err(|r| err(entry, r))?,
             ),
-            None => (None, parse_port(online, "online").map_err(|r| err(entry, r))?),
+            None => (
+                None,
+                parse_port(online, "online").map_err(|r| err(entry, r))?,
+            ),
         };
         let Some((ip, port)) = target.rsplit_once(':') else {
-            return Err(err(entry, format!("the target side '{target}' needs IP:port")));
+            return Err(err(
+                entry,
+                format!("the target side '{target}' needs IP:port"),
+            ));
         };
         let target_ip = parse_ip(ip, "target").map_err(|r| err(entry, r))?;
         let target_port = parse_port(port, "target").map_err(|r| err(entry, r))?;
         if target_ip.is_unspecified() || target_ip.is_broadcast() || target_ip.is_multicast() {
-            return Err(err(entry, format!("target address {target_ip} cannot be a target")));
+            return Err(err(
+                entry,
+                format!("target address {target_ip} cannot be a target"),
+            ));
         }
-        transfers.push(Transfer { online_ip, online_port, target_ip, target_port });
+        transfers.push(Transfer {
+            online_ip,
+            online_port,
+            target_ip,
+            target_port,
+        });
     }
     Ok(transfers)
 }
@@ -153,10 +172,16 @@ impl ClientAddrs {
         }
         addrs.retain(|a| !transfers.iter().any(|t| t.target_ip == *a));
         if addrs.is_empty() {
-            return Err(err(text, "no usable address remains (all equal a target address)".into()));
+            return Err(err(
+                text,
+                "no usable address remains (all equal a target address)".into(),
+            ));
         }
         if addrs.len() > 4096 {
-            return Err(err(text, format!("{} addresses is more than the 4096 allowed", addrs.len())));
+            return Err(err(
+                text,
+                format!("{} addresses is more than the 4096 allowed", addrs.len()),
+            ));
         }
         Ok(ClientAddrs { addrs })
     }
@@ -189,9 +214,15 @@ mod tests {
         assert_eq!(t[0].target_ip, Ipv4Addr::new(10, 0, 0, 9));
         assert_eq!(t[1].online_ip, Some(Ipv4Addr::new(10, 0, 0, 5)));
         assert_eq!(t[1].to_string(), "10.0.0.5:81-10.0.0.9:8081");
-        assert_eq!(match_transfer(&t, Ipv4Addr::new(1, 2, 3, 4), 80), Some(&t[0]));
+        assert_eq!(
+            match_transfer(&t, Ipv4Addr::new(1, 2, 3, 4), 80),
+            Some(&t[0])
+        );
         assert_eq!(match_transfer(&t, Ipv4Addr::new(1, 2, 3, 4), 81), None);
-        assert_eq!(match_transfer(&t, Ipv4Addr::new(10, 0, 0, 5), 81), Some(&t[1]));
+        assert_eq!(
+            match_transfer(&t, Ipv4Addr::new(10, 0, 0, 5), 81),
+            Some(&t[1])
+        );
         assert_eq!(
             capture_filter(&t),
             "tcp and ((dst port 80) or (dst host 10.0.0.5 and dst port 81))"
@@ -202,9 +233,17 @@ mod tests {
     fn transfer_errors_name_the_problem_and_the_form() {
         let e = parse_transfers("80-10.0.0:99999").unwrap_err().to_string();
         assert!(e.contains("'80-10.0.0:99999'"), "{e}");
-        assert!(e.contains("target address '10.0.0' is not an IPv4 address"), "{e}");
-        assert!(e.contains("[onlineIP:]onlinePort-targetIP:targetPort"), "{e}");
-        let e = parse_transfers("80-10.0.0.1:99999").unwrap_err().to_string();
+        assert!(
+            e.contains("target address '10.0.0' is not an IPv4 address"),
+            "{e}"
+        );
+        assert!(
+            e.contains("[onlineIP:]onlinePort-targetIP:targetPort"),
+            "{e}"
+        );
+        let e = parse_transfers("80-10.0.0.1:99999")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("target port 99999 is out of range"), "{e}");
         let e = parse_transfers("80").unwrap_err().to_string();
         assert!(e.contains("no '-'"), "{e}");
