@@ -18,4 +18,4 @@ echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test (profile ci: optimised, so the lab's load tests measure replication, not debug builds)"
 # One test at a time: the lab tests load a 2-core machine on purpose.
-cargo test --workspace --profile ci -- --test-threads=1
+cargo test --workspace --profile ci --no-fail-fast -- --test-threads=1

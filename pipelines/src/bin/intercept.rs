@@ -14,6 +14,7 @@ use std::time::Duration;
 #[derive(Debug, Parser)]
 #[command(
     name = "intercept",
+    version,
     about = "Capture the target server's replies and return their headers to tcpcopy",
     long_about = "Runs on the assistant host, to which the target routes its replies for the \
 replayed client addresses (keep net.ipv4.ip_forward=0 there so the replies die after capture).\n\n\

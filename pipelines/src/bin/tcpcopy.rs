@@ -15,6 +15,7 @@ use std::time::Duration;
 #[derive(Debug, Parser)]
 #[command(
     name = "tcpcopy",
+    version,
     about = "Replicate live TCP sessions from an online server to a target server",
     long_about = "Captures the requests clients send to an online server, rewrites them for a target \
 server and plays the client's part of every session. The target must route its replies for the \
