@@ -516,3 +516,97 @@ fn bursts_of_new_connections_replicate() {
     let stats = replay.stop();
     eprintln!("{}\n{stats}", results.join("\n"));
 }
+
+/// `-d`, `-P` and `-l`: the daemon detaches, writes its pid file and log, replicates, and removes
+/// the pid file when stopped.
+#[test]
+fn daemon_mode_writes_pid_file_and_log() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::up().expect("lab up");
+    let _online = lab.nginx(Host::Online, 80).expect("online nginx");
+    let target = lab.nginx(Host::Target, 8080).expect("target nginx");
+    let _intercept = start_intercept(&lab);
+    let pid_file = lab.dir().join("tcpcopy.pid");
+    let log_file = lab.dir().join("tcpcopy.log");
+    let (pid_s, log_s) = (pid_file.to_str().unwrap(), log_file.to_str().unwrap());
+    let out = lab
+        .run(
+            Host::Online,
+            TCPCOPY,
+            &[
+                "-d",
+                "-P",
+                pid_s,
+                "-l",
+                log_s,
+                "-i",
+                "eth0",
+                "-x",
+                "80-10.77.0.30:8080",
+                "-s",
+                "10.77.0.40",
+            ],
+        )
+        .expect("tcpcopy -d runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log_file)
+        .unwrap_or_default()
+        .contains("connected to intercept")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not connect: {:?}",
+            std::fs::read_to_string(&log_file)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "pid {pid} is not running"
+    );
+    load(
+        &lab,
+        &[
+            "--target",
+            "10.77.0.20:80",
+            "--mode",
+            "close",
+            "--requests",
+            "20",
+            "--path-prefix",
+            "/d/",
+        ],
+    );
+    assert_eq!(target.wait_count(20, Duration::from_secs(20)), 20);
+    assert_eq!(terminate(pid), 0, "SIGTERM the daemon");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pid_file.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pid file was not removed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(&log_file).unwrap();
+    assert!(log.contains("final:"), "{log}");
+}
+
+/// `kill -TERM pid` through the kill(1) command (the tests stay free of unsafe code).
+fn terminate(pid: i32) -> i32 {
+    std::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status()
+        .map_or(-1, |s| s.code().unwrap_or(-1))
+}

@@ -31,7 +31,7 @@ fn main() -> anyhow::Result<()> {
             .filter_map(|a| a.parse().ok())
             .collect();
         if given.is_empty() {
-            vec![1000, 2000, 5000, 10000, 15000, 20000, 0]
+            vec![2000, 5000, 10000, 15000, 20000, 25000, 30000, 0]
         } else {
             given
         }
@@ -79,14 +79,15 @@ fn main() -> anyhow::Result<()> {
     );
     let mut best = None;
     for (round, rate) in rates.iter().enumerate() {
-        // Five seconds of load per half (bounded: 2,000 to 50,000 requests per half).
+        // About five seconds of load: two halves (new connections, then keep-alive) one after
+        // the other, each at the full rate; bounded to 50,000 requests per half.
         let per_half = if *rate == 0 {
             50_000
         } else {
             (rate * 5 / 2).clamp(1_000, 50_000)
         };
         let per_half_s = per_half.to_string();
-        let half_rate = (rate / 2).max(1).to_string();
+        let rate_s = rate.to_string();
         let before = target.count();
         let t0 = Instant::now();
         let (c0, i0) = (cpu_ticks(tcpcopy.pid())?, cpu_ticks(intercept.pid())?);
@@ -112,7 +113,7 @@ fn main() -> anyhow::Result<()> {
                 "120",
             ];
             if *rate > 0 {
-                args.extend_from_slice(&["--rate", &half_rate]);
+                args.extend_from_slice(&["--rate", &rate_s]);
             }
             let report = lab.httpload(Host::Client, &args)?;
             ok += report.ok;
