@@ -653,6 +653,62 @@ fn fanout_group_keeps_each_flow_on_one_socket() {
 }
 
 #[test]
+fn port_shard_fanout_sends_each_port_to_its_computed_owner() {
+    if !can_run("port_shard_fanout_sends_each_port_to_its_computed_owner") {
+        return;
+    }
+    let veth = Veth::new();
+    let group = (std::process::id() % 60_000) as u16 + 1;
+    let config = AfPacketConfig {
+        fanout: Some((group, FanoutMode::PortShard { workers: 3 })),
+        ..small_ring("tcp and dst port 5555")
+    };
+    // Members are numbered in join order: member i must get port_shard(port) == i.
+    let mut members: Vec<AfPacketRx> = (0..3).map(|_| veth.capture(config.clone())).collect();
+    let mut tx = veth.transmitter();
+    let ports: Vec<u16> = (0..60u16).map(|i| 32768 + 2 * i).collect();
+    let packets: Vec<Vec<u8>> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, &sport)| tcp_packet(veth.a_addr, veth.b_addr, sport, MATCH_PORT, i as u32, 16))
+        .collect();
+    assert_eq!(send_all(&mut tx, &packets), packets.len());
+    let mut got: Vec<Vec<Captured>> = vec![Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..300 {
+        if got.iter().map(Vec::len).sum::<usize>() >= packets.len() {
+            break;
+        }
+        let n: usize = members
+            .iter_mut()
+            .zip(got.iter_mut())
+            .map(|(m, g)| receive_now(m, g))
+            .sum();
+        if n == 0 {
+            wait_readable(members[0].wait_fd().unwrap());
+        }
+    }
+    assert_eq!(
+        got.iter().map(Vec::len).sum::<usize>(),
+        packets.len(),
+        "fanout lost frames"
+    );
+    for (member, frames) in got.iter().enumerate() {
+        assert!(
+            !frames.is_empty(),
+            "member {member} got nothing: the ports should spread"
+        );
+        for frame in frames {
+            assert_eq!(
+                engine::flow::port_shard(frame.sport(), 3),
+                member,
+                "port {}",
+                frame.sport()
+            );
+        }
+    }
+}
+
+#[test]
 fn missing_interface_error_names_it() {
     // No privilege needed: the interface is looked up before any socket is opened.
     let name = format!("tcrpmiss{}", std::process::id() % 100_000);

@@ -129,10 +129,57 @@ fn replicates_2000_requests_each_path_once() {
     if !lab::require_root() {
         return;
     }
+    let stats = replicate_2000(&[]);
+    assert!(counter(&stats, "created") >= 1020, "{stats}");
+}
+
+/// Issue 4: the same run on two workers; every reply is handled by the worker that owns its
+/// session (each worker's replies are all matched, and both workers took part).
+#[test]
+fn replicates_2000_requests_on_two_workers() {
+    if !lab::require_root() {
+        return;
+    }
+    let log = replicate_2000(&["--workers", "2"]);
+    let workers: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("worker ") && l.contains("replies-dispatched"))
+        .collect();
+    assert!(workers.len() >= 2, "no per-worker lines:\n{log}");
+    let mut created_total = 0;
+    for (i, line) in workers.iter().rev().take(2).enumerate() {
+        let created = counter(line, "sessions-created");
+        let dispatched = counter(line, "replies-dispatched");
+        let handled = counter(line, "replies");
+        let unmatched = counter(line, "replies-unmatched");
+        assert!(
+            created > 300,
+            "worker {i} created only {created} sessions: {line}"
+        );
+        assert!(
+            handled > 1000,
+            "worker {i} handled only {handled} replies: {line}"
+        );
+        // Replies queued while the worker stopped may stay untaken.
+        assert!(
+            handled <= dispatched && dispatched - handled <= 20,
+            "worker {i}: {line}"
+        );
+        assert_eq!(
+            unmatched, 0,
+            "worker {i} got replies of sessions it does not own: {line}"
+        );
+        created_total += created;
+    }
+    assert!(created_total >= 1020, "{log}");
+}
+
+/// Runs test 1 with extra tcpcopy flags; returns tcpcopy's whole log (final line last).
+fn replicate_2000(extra: &[&str]) -> String {
     let lab = Lab::up().expect("lab up");
     let online = lab.nginx(Host::Online, 80).expect("online nginx");
     let target = lab.nginx(Host::Target, 8080).expect("target nginx");
-    let replay = Replay::start(&lab, &[]);
+    let replay = Replay::start(&lab, extra);
     load(
         &lab,
         &[
@@ -176,6 +223,9 @@ fn replicates_2000_requests_each_path_once() {
         .collect();
     let doubled: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
     let logs = replay.logs();
+    let mut replay = replay;
+    replay.tcpcopy.stop();
+    let full_log = replay.tcpcopy.log();
     let stats = replay.stop();
     assert!(
         missing.is_empty() && doubled.is_empty() && seen == 2000,
@@ -193,7 +243,7 @@ fn replicates_2000_requests_each_path_once() {
         .map(|e| e.connection)
         .collect();
     assert_eq!(keepalive.len(), 20, "keep-alive connections at the target");
-    assert!(counter(&stats, "created") >= 1020, "{stats}");
+    format!("{full_log}\n{stats}")
 }
 
 /// Test 2: a POST with a 1 MiB body arrives whole at the target.

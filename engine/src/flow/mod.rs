@@ -52,15 +52,28 @@ impl FlowKey {
         h ^ (h >> 32)
     }
 
-    /// The worker (of `workers`) that owns this flow.
+    /// The worker (of `workers`) that owns this flow: [`port_shard`] of the client port.
+    ///
+    /// Only the client port takes part: the capture fanout computes the owner in the kernel
+    /// from the captured packet, whose client address `-c` may rewrite afterwards, while the
+    /// port survives (and where tcpcopy chooses ports itself, it keeps their shard).
     #[inline]
     pub fn shard(&self, workers: usize) -> usize {
-        if workers <= 1 {
-            0
-        } else {
-            (self.hash64() % workers as u64) as usize
-        }
+        port_shard(self.client_port, workers)
     }
+}
+
+/// The shard of a client port among `workers`: `((port * 0x9E3779B1) >> 16) % workers` in
+/// 32-bit wrapping arithmetic. Multiplying by the golden ratio spreads ports that share low bits
+/// (Linux hands out even ephemeral ports to `connect()`), and the function is simple enough for
+/// the classic BPF fanout program that applies it in the kernel
+/// ([`crate::port::afpacket::port_shard_program`]).
+#[inline]
+pub fn port_shard(port: u16, workers: usize) -> usize {
+    if workers <= 1 {
+        return 0;
+    }
+    ((u32::from(port).wrapping_mul(0x9E37_79B1) >> 16) % workers as u32) as usize
 }
 
 impl Hash for FlowKey {
@@ -104,11 +117,29 @@ mod tests {
         assert_ne!(a.hash64(), b.hash64());
         assert_ne!(a.hash64(), c.hash64());
         assert_eq!(a.shard(1), 0);
-        let mut counts = [0usize; 4];
-        for p in 0..4000u16 {
-            counts[key([10, 0, 0, 1], 30000 + p, [10, 0, 0, 2], 8080).shard(4)] += 1;
+        // Even ports only (what Linux gives connect()) still spread evenly.
+        for workers in [2usize, 3, 4, 8] {
+            let mut counts = vec![0usize; workers];
+            for p in 0..8000u16 {
+                counts[key([10, 0, 0, 1], 32768 + 2 * p, [10, 0, 0, 2], 8080).shard(workers)] += 1;
+            }
+            let even = 8000 / workers;
+            assert!(
+                counts
+                    .iter()
+                    .all(|&n| n > even * 9 / 10 && n < even * 11 / 10),
+                "{counts:?}"
+            );
         }
-        assert!(counts.iter().all(|&n| n > 800), "{counts:?}");
+        // The shard depends on the client port only.
+        assert_eq!(
+            a.shard(4),
+            key([10, 9, 9, 7], 40000, [10, 0, 0, 3], 80).shard(4)
+        );
+        assert_eq!(
+            port_shard(40000, 4),
+            ((40000u32.wrapping_mul(0x9E37_79B1) >> 16) % 4) as usize
+        );
         assert_eq!(format!("{a}"), "10.0.0.1:40000->10.0.0.2:8080");
     }
 }

@@ -106,6 +106,15 @@ impl PortError {
 /// How a fanout group spreads frames over its sockets (`PACKET_FANOUT` mode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FanoutMode {
+    /// By the IPv4 TCP/UDP *source port* through a classic BPF program
+    /// (`PACKET_FANOUT_CBPF`): member `i` of `workers` gets the frames whose source port `p`
+    /// has [`crate::flow::port_shard`]`(p, workers) == i`. The same function computed in user
+    /// space names the owner of a flow from its reply alone (even after `-c` changed the
+    /// client address). Members must join in order: the kernel numbers them as they join.
+    PortShard {
+        /// Number of members (workers) in the group.
+        workers: u16,
+    },
     /// By flow hash: both directions of a connection land on the same socket (`PACKET_FANOUT_HASH`).
     #[default]
     Hash,
@@ -124,8 +133,38 @@ impl FanoutMode {
             FanoutMode::LoadBalance => libc::PACKET_FANOUT_LB,
             FanoutMode::Cpu => libc::PACKET_FANOUT_CPU,
             FanoutMode::QueueMapping => libc::PACKET_FANOUT_QM,
+            FanoutMode::PortShard { .. } => libc::PACKET_FANOUT_CBPF,
         }
     }
+}
+
+/// The classic BPF program of [`FanoutMode::PortShard`]: returns
+/// `((src_port * 0x9E3779B1) >> 16) % workers` with 32-bit wrapping arithmetic, exactly
+/// [`crate::flow::port_shard`]. The kernel runs fanout programs on received frames with the
+/// data starting at the network header (the link header, VLAN tags included, is already
+/// pulled), so offsets are relative to the IPv4 header; the capture filter has already
+/// selected IPv4 TCP.
+pub fn port_shard_program(workers: u16) -> Vec<libc::sock_filter> {
+    const LDX_B_MSH: u16 = (libc::BPF_LDX | libc::BPF_B | libc::BPF_MSH) as u16;
+    const LD_H_IND: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_IND) as u16;
+    const MUL_K: u16 = (libc::BPF_ALU | libc::BPF_MUL | libc::BPF_K) as u16;
+    const RSH_K: u16 = (libc::BPF_ALU | libc::BPF_RSH | libc::BPF_K) as u16;
+    const MOD_K: u16 = (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16;
+    const RET_A: u16 = (libc::BPF_RET | libc::BPF_A) as u16;
+    let op = |code: u16, k: u32| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    vec![
+        op(LDX_B_MSH, 0),                     // X = IPv4 header length
+        op(LD_H_IND, 0),                      // A = source port
+        op(MUL_K, 0x9E37_79B1),               // golden-ratio mix
+        op(RSH_K, 16),                        //
+        op(MOD_K, u32::from(workers.max(1))), // member index
+        op(RET_A, 0),
+    ]
 }
 
 /// Settings of an [`AfPacketRx`].
@@ -506,9 +545,29 @@ impl AfPacketRx {
             )?;
         }
         if let Some((group, mode)) = config.fanout {
-            let arg = (u32::from(group) | ((mode.raw() | libc::PACKET_FANOUT_FLAG_DEFRAG) << 16))
-                as libc::c_int;
+            // A fanout group has its own outgoing switch: PACKET_IGNORE_OUTGOING on the socket
+            // does not reach the group's shared hook.
+            const FLAG_IGNORE_OUTGOING: u32 = 0x4000; // PACKET_FANOUT_FLAG_IGNORE_OUTGOING
+            let mut flags = libc::PACKET_FANOUT_FLAG_DEFRAG;
+            if config.ignore_outgoing {
+                flags |= FLAG_IGNORE_OUTGOING;
+            }
+            let arg = (u32::from(group) | ((mode.raw() | flags) << 16)) as libc::c_int;
             setsockopt(sock, libc::SOL_PACKET, libc::PACKET_FANOUT, &arg, "setsockopt(PACKET_FANOUT) (is the interface up? do all group members use the same mode?)")?;
+            if let FanoutMode::PortShard { workers } = mode {
+                let program = port_shard_program(workers);
+                let fprog = libc::sock_fprog {
+                    len: program.len() as u16,
+                    filter: program.as_ptr().cast_mut(),
+                };
+                setsockopt(
+                    sock,
+                    libc::SOL_PACKET,
+                    libc::PACKET_FANOUT_DATA,
+                    &fprog,
+                    "setsockopt(PACKET_FANOUT_DATA, port-shard program)",
+                )?;
+            }
         }
 
         Ok(AfPacketRx {

@@ -5,12 +5,18 @@ use anyhow::Context;
 use clap::{ArgAction, Parser};
 use engine::control::{Framing, RecordFormat};
 use engine::session::{Pacing, SessionConfig};
+use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
+use hdrhistogram::serialization::V2Serializer;
 use pipelines::cli;
+use pipelines::tcpcopy::latency::Latency;
 use pipelines::tcpcopy::transform::{capture_filter, parse_transfers, ClientAddrs};
-use pipelines::tcpcopy::{Tcpcopy, TcpcopyConfig};
+use pipelines::tcpcopy::{Tcpcopy, TcpcopyConfig, TcpcopyStats};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
+use std::time::{Instant, SystemTime};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -81,9 +87,18 @@ struct Args {
     /// Seconds between statistics lines (0: only at exit)
     #[arg(long, value_name = "SECONDS", default_value_t = 5)]
     stats_interval: u64,
-    /// Never park the worker when idle (lowest latency, burns a core)
+    /// Never park the workers when idle (lowest latency, burns their cores)
     #[arg(long, action = ArgAction::SetTrue)]
     busy_poll: bool,
+    /// Worker threads; each captures its share of the sessions (by client port) and replays them
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    workers: usize,
+    /// Pin the workers to these cores, e.g. 2,3 (worker i on the i-th listed core)
+    #[arg(long, value_name = "LIST")]
+    cores: Option<String>,
+    /// Write the latency histograms as an HdrHistogram interval log (one interval per --stats-interval)
+    #[arg(long, value_name = "FILE")]
+    histogram_log: Option<PathBuf>,
     /// Log level: error, warn, info, debug, trace
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     log_level: String,
@@ -117,6 +132,25 @@ fn run() -> anyhow::Result<()> {
             args.connections
         );
     }
+    if !(1..=64).contains(&args.workers) {
+        anyhow::bail!(
+            "bad --workers value {}: use 1..64 worker threads",
+            args.workers
+        );
+    }
+    let cores = args
+        .cores
+        .as_deref()
+        .map(|list| {
+            list.split(',')
+                .map(|c| {
+                    c.trim().parse::<usize>().map_err(|_| {
+                        anyhow::anyhow!("bad --cores value '{list}': '{c}' is not a core number; the form is a comma list, e.g. 2,3")
+                    })
+                })
+                .collect::<anyhow::Result<Vec<usize>>>()
+        })
+        .transpose()?;
     let filter = args
         .filter
         .clone()
@@ -156,6 +190,8 @@ fn run() -> anyhow::Result<()> {
         session,
         stats_interval: (args.stats_interval > 0).then(|| Duration::from_secs(args.stats_interval)),
         busy_poll: args.busy_poll,
+        workers: args.workers,
+        cores,
     };
     if args.daemon {
         cli::daemonize()?;
@@ -176,12 +212,102 @@ fn run() -> anyhow::Result<()> {
         config.filter,
         config.intercepts
     );
+    let interval = config.stats_interval.unwrap_or(Duration::from_secs(5));
     let tcpcopy = Tcpcopy::start(config).context("tcpcopy cannot start")?;
+    let dump = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, dump.clone())
+        .context("install the SIGUSR1 handler")?;
+    let mut log = args
+        .histogram_log
+        .as_deref()
+        .map(HistogramLog::create)
+        .transpose()?;
+    let mut last_log = Instant::now();
     while !stop.load(Ordering::Relaxed) && tcpcopy.is_running() {
         std::thread::sleep(Duration::from_millis(50));
+        if dump.swap(false, Ordering::Relaxed) {
+            report_latency(&tcpcopy.stats());
+        }
+        if let Some(log) = log.as_mut() {
+            if last_log.elapsed() >= interval {
+                last_log = Instant::now();
+                log.write(&tcpcopy.stats().latency())?;
+            }
+        }
     }
     tracing::info!("stopping");
     let stats = tcpcopy.join()?;
+    if let Some(log) = log.as_mut() {
+        log.write(&stats.latency())?;
+    }
+    report_latency(&stats);
     tracing::info!("final: {}", stats.line());
     Ok(())
+}
+
+/// Logs each worker's counters and histograms, then the merged histograms.
+fn report_latency(stats: &TcpcopyStats) {
+    for line in stats.worker_lines() {
+        tracing::info!("{line}");
+    }
+    tracing::info!("all workers: {}", stats.latency().summary());
+}
+
+/// An HdrHistogram interval log: each write appends the counts since the previous write.
+struct HistogramLog {
+    file: std::fs::File,
+    start: Instant,
+    last: Latency,
+    last_at: Duration,
+}
+
+impl HistogramLog {
+    fn create(path: &std::path::Path) -> anyhow::Result<HistogramLog> {
+        let mut file = std::fs::File::create(path).with_context(|| {
+            format!(
+                "cannot create the histogram log --histogram-log {}",
+                path.display()
+            )
+        })?;
+        let mut serializer = V2Serializer::new();
+        IntervalLogWriterBuilder::new()
+            .with_base_time(SystemTime::now())
+            .with_max_value_divisor(1.0)
+            .begin_log_with(&mut file, &mut serializer)
+            .map_err(|e| anyhow::anyhow!("cannot write the histogram log header: {e:?}"))?;
+        Ok(HistogramLog {
+            file,
+            start: Instant::now(),
+            last: Latency::new(),
+            last_at: Duration::ZERO,
+        })
+    }
+
+    fn write(&mut self, now: &Latency) -> anyhow::Result<()> {
+        let at = self.start.elapsed();
+        let mut serializer = V2Serializer::new();
+        let mut writer = IntervalLogWriterBuilder::new()
+            .with_max_value_divisor(1.0)
+            .begin_log_with(&mut self.file, &mut serializer)
+            .map_err(|e| anyhow::anyhow!("histogram log: {e:?}"))?;
+        for (tag, current, last) in [
+            (
+                "capture_to_tx_us",
+                &now.capture_to_tx,
+                &self.last.capture_to_tx,
+            ),
+            ("reply_us", &now.reply, &self.last.reply),
+        ] {
+            let mut delta = current.clone();
+            delta
+                .subtract(last)
+                .map_err(|e| anyhow::anyhow!("histogram log: {e:?}"))?;
+            writer
+                .write_histogram(&delta, self.last_at, at - self.last_at, Tag::new(tag))
+                .map_err(|e| anyhow::anyhow!("histogram log: {e:?}"))?;
+        }
+        self.last = now.clone();
+        self.last_at = at;
+        Ok(())
+    }
 }

@@ -45,6 +45,42 @@ pub struct IngressStats {
 }
 
 impl IngressStats {
+    /// Adds `other`'s counts to these (to sum over workers).
+    pub fn merge(&mut self, other: &IngressStats) {
+        let IngressStats {
+            captured,
+            accepted,
+            accepted_data,
+            not_ipv4,
+            not_tcp,
+            truncated,
+            bad_version,
+            bad_ihl,
+            bad_total_len,
+            bad_data_offset,
+            bad_options,
+            fragments,
+            cut_short,
+            too_big,
+            no_transfer,
+        } = *other;
+        self.captured += captured;
+        self.accepted += accepted;
+        self.accepted_data += accepted_data;
+        self.not_ipv4 += not_ipv4;
+        self.not_tcp += not_tcp;
+        self.truncated += truncated;
+        self.bad_version += bad_version;
+        self.bad_ihl += bad_ihl;
+        self.bad_total_len += bad_total_len;
+        self.bad_data_offset += bad_data_offset;
+        self.bad_options += bad_options;
+        self.fragments += fragments;
+        self.cut_short += cut_short;
+        self.too_big += too_big;
+        self.no_transfer += no_transfer;
+    }
+
     /// Frames dropped as malformed.
     pub fn malformed(&self) -> u64 {
         self.truncated

@@ -1,15 +1,24 @@
 //! The tcpcopy pipeline: capture -> filter -> transform (`-x`, `-c`) -> session -> transmit,
-//! with a control thread that registers sessions at every intercept and hands their replies
-//! back to the worker that owns the session.
+//! on one or more workers, with a control thread that registers sessions at every intercept and
+//! hands each reply to the worker that owns its session.
 //!
-//! Threads: one worker (it owns the capture port, the session table and the transmit port) and
-//! one control thread (it owns the connections to the intercepts). They talk over bounded
-//! crossbeam channels; each wakes the other with a `mio::Waker` only when the other is parked.
+//! Threads and data:
+//! - Worker `i` owns a capture socket that is member `i` of an AF_PACKET fanout group (a
+//!   classic BPF program shards frames by the client port, [`engine::flow::port_shard`]), its
+//!   own raw transmit socket, its session table, counters and latency histograms. Nothing on
+//!   its path takes a lock; it publishes copies of its counters a few times a second.
+//! - The control thread owns the intercept connections. Workers hand it CLIENT_ADD/DEL over
+//!   one bounded channel each; it decodes reply records and pushes each onto the bounded
+//!   channel of the worker that owns the session, found from the reply's client port alone.
+//! - Workers busy-poll, and park in `poll(2)` on their capture socket after a few empty rounds
+//!   (unless `busy_poll`); the control thread wakes a parked worker when it queues replies.
 
 pub mod ingress;
+pub mod latency;
 pub mod transform;
 
 use self::ingress::{Ingress, IngressStats, LinkType};
+use self::latency::Latency;
 use self::transform::{ClientAddrs, Transfer};
 use anyhow::Context;
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
@@ -17,7 +26,7 @@ use engine::control::{
     ClientConfig, ClientMessage, ClientStats, ControlClient, Framing, RecordFormat,
 };
 use engine::flow::FlowKey;
-use engine::port::afpacket::{AfPacketConfig, AfPacketRx};
+use engine::port::afpacket::{AfPacketConfig, AfPacketRx, FanoutMode};
 use engine::port::rawsock::{RawIpConfig, RawIpTx};
 use engine::port::{PortStats, RxPort, TxBatch, TxPort};
 use engine::session::{Output, Response, SessionConfig, SessionStats, SessionTable};
@@ -28,7 +37,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Frames taken from the capture ring per burst.
 const BURST: usize = 64;
@@ -36,6 +45,8 @@ const BURST: usize = 64;
 const SPIN_LIMIT: u32 = 32;
 /// Longest park, so stop requests and timers are seen promptly.
 const MAX_PARK: Duration = Duration::from_millis(10);
+/// How often workers publish their counters (histograms: every fifth time).
+const PUBLISH_EVERY: Duration = Duration::from_millis(200);
 
 /// Everything the tcpcopy pipeline needs, already validated.
 #[derive(Debug, Clone)]
@@ -58,38 +69,188 @@ pub struct TcpcopyConfig {
     pub record_format: RecordFormat,
     /// Framing of the control channel.
     pub framing: Framing,
-    /// The session engine's tunables (`-t`, `-k`, `-W`, ...).
+    /// The session engine's tunables (`-t`, `-k`, `-W`, ...), per worker.
     pub session: SessionConfig,
     /// Period of the one-line statistics report (`None`: only at exit).
     pub stats_interval: Option<Duration>,
-    /// Never park the worker (burns a core; lowest latency).
+    /// Never park the workers (burns their cores; lowest latency).
     pub busy_poll: bool,
+    /// Number of workers (capture sockets in one fanout group), at least 1.
+    pub workers: usize,
+    /// Cores to pin the workers to (worker `i` on `cores[i % len]`); `None`: no pinning.
+    pub cores: Option<Vec<usize>>,
 }
 
-/// Counters of a whole run, printed periodically and at exit.
+/// What one worker counted, published a few times a second.
 #[derive(Debug, Clone, Default)]
-pub struct TcpcopyStats {
+pub struct WorkerReport {
     /// Ingress.
     pub ingress: IngressStats,
     /// Sessions.
     pub sessions: SessionStats,
-    /// Sessions in the table.
+    /// Sessions in its table.
     pub table_len: usize,
-    /// Capture port.
+    /// Its capture socket.
     pub capture: PortStats,
-    /// Transmit port.
+    /// Its transmit socket.
+    pub transmit: PortStats,
+    /// Route registrations it could not queue for the control thread.
+    pub control_queue_full: u64,
+    /// Replies it took from its queue.
+    pub replies: u64,
+    /// Its histograms (published once a second).
+    pub latency: Latency,
+}
+
+/// Counters of a whole run: the sum over workers, each worker's own, and the control thread's.
+#[derive(Debug, Clone, Default)]
+pub struct TcpcopyStats {
+    /// Ingress (all workers).
+    pub ingress: IngressStats,
+    /// Sessions (all workers).
+    pub sessions: SessionStats,
+    /// Sessions in the tables.
+    pub table_len: usize,
+    /// Capture (all workers).
+    pub capture: PortStats,
+    /// Transmit (all workers).
     pub transmit: PortStats,
     /// Control channel.
     pub control: ClientStats,
-    /// Route registrations dropped because the control queue was full.
+    /// Route registrations dropped because a control queue was full.
     pub control_queue_full: u64,
-    /// Replies dropped because the worker's queue was full.
+    /// Replies dropped because a worker's queue was full.
     pub reply_queue_full: u64,
-    /// Replies that could not be decoded.
-    pub reply_malformed: u64,
+    /// Replies dispatched to each worker by the control thread.
+    pub replies_dispatched: Vec<u64>,
+    /// Each worker's own report.
+    pub workers: Vec<WorkerReport>,
+}
+
+/// Adds `b`'s session counts to `a` (to sum over workers). The destructuring makes a new
+/// counter a compile error here until it is summed too.
+fn merge_sessions(a: &mut SessionStats, b: &SessionStats) {
+    let SessionStats {
+        created,
+        removed,
+        established,
+        closed,
+        client_resets,
+        target_resets,
+        timed_out,
+        gave_up,
+        port_reuse_resets,
+        port_reuse_replaced,
+        table_full,
+        client_no_session,
+        client_syn_retransmits,
+        client_retransmits,
+        client_acks_absorbed,
+        client_hole_fills,
+        queue_full,
+        sent_segments,
+        sent_data,
+        sent_syn,
+        sent_fin,
+        sent_rst,
+        sent_acks,
+        retransmits,
+        pace_releases,
+        responses,
+        response_data,
+        response_no_session,
+        bad_synack,
+    } = *b;
+    a.created += created;
+    a.removed += removed;
+    a.established += established;
+    a.closed += closed;
+    a.client_resets += client_resets;
+    a.target_resets += target_resets;
+    a.timed_out += timed_out;
+    a.gave_up += gave_up;
+    a.port_reuse_resets += port_reuse_resets;
+    a.port_reuse_replaced += port_reuse_replaced;
+    a.table_full += table_full;
+    a.client_no_session += client_no_session;
+    a.client_syn_retransmits += client_syn_retransmits;
+    a.client_retransmits += client_retransmits;
+    a.client_acks_absorbed += client_acks_absorbed;
+    a.client_hole_fills += client_hole_fills;
+    a.queue_full += queue_full;
+    a.sent_segments += sent_segments;
+    a.sent_data += sent_data;
+    a.sent_syn += sent_syn;
+    a.sent_fin += sent_fin;
+    a.sent_rst += sent_rst;
+    a.sent_acks += sent_acks;
+    a.retransmits += retransmits;
+    a.pace_releases += pace_releases;
+    a.responses += responses;
+    a.response_data += response_data;
+    a.response_no_session += response_no_session;
+    a.bad_synack += bad_synack;
+}
+
+fn add_ports(a: &mut PortStats, b: &PortStats) {
+    a.rx_packets += b.rx_packets;
+    a.rx_bytes += b.rx_bytes;
+    a.rx_dropped += b.rx_dropped;
+    a.tx_packets += b.tx_packets;
+    a.tx_bytes += b.tx_bytes;
+    a.tx_errors += b.tx_errors;
 }
 
 impl TcpcopyStats {
+    /// Recomputes the sums from the worker reports.
+    fn sum_workers(&mut self) {
+        self.ingress = IngressStats::default();
+        self.sessions = SessionStats::default();
+        self.capture = PortStats::default();
+        self.transmit = PortStats::default();
+        self.table_len = 0;
+        self.control_queue_full = 0;
+        for w in &self.workers {
+            self.ingress.merge(&w.ingress);
+            merge_sessions(&mut self.sessions, &w.sessions);
+            add_ports(&mut self.capture, &w.capture);
+            add_ports(&mut self.transmit, &w.transmit);
+            self.table_len += w.table_len;
+            self.control_queue_full += w.control_queue_full;
+        }
+    }
+
+    /// All workers' histograms merged.
+    pub fn latency(&self) -> Latency {
+        let mut all = Latency::new();
+        for w in &self.workers {
+            all.merge(&w.latency);
+        }
+        all
+    }
+
+    /// One line per worker: what it captured, its sessions, the replies it was handed and
+    /// handled, and its latency percentiles.
+    pub fn worker_lines(&self) -> Vec<String> {
+        self.workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                format!(
+                    "worker {i}: captured {} sessions-created {} replies-dispatched {} replies {} \
+                     replies-unmatched {} sent {} | {}",
+                    w.ingress.captured,
+                    w.sessions.created,
+                    self.replies_dispatched.get(i).copied().unwrap_or(0),
+                    w.sessions.responses + w.sessions.response_no_session,
+                    w.sessions.response_no_session,
+                    w.sessions.sent_segments + w.sessions.sent_acks,
+                    w.latency.summary()
+                )
+            })
+            .collect()
+    }
+
     /// The one-line report.
     pub fn line(&self) -> String {
         let i = &self.ingress;
@@ -158,16 +319,24 @@ impl TcpcopyStats {
 #[derive(Debug)]
 pub struct Tcpcopy {
     stop: Arc<AtomicBool>,
-    stats: Arc<Mutex<TcpcopyStats>>,
-    worker: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    shared: Arc<Shared>,
+    workers: Vec<std::thread::JoinHandle<anyhow::Result<()>>>,
     control: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
     wakers: Vec<Arc<Waker>>,
+}
+
+/// What the threads publish for the main thread (not on any packet path).
+#[derive(Debug, Default)]
+struct Shared {
+    workers: Mutex<Vec<WorkerReport>>,
+    control: Mutex<(ClientStats, u64, Vec<u64>)>,
 }
 
 /// The control thread's view of one worker.
 #[derive(Debug)]
 struct WorkerLink {
     replies: Sender<Response>,
+    messages: Receiver<ClientMessage>,
     waker: Arc<Waker>,
     parked: Arc<AtomicBool>,
 }
@@ -178,17 +347,25 @@ impl Tcpcopy {
     /// # Errors
     /// A port that cannot be opened (named, with the cause), or threads that cannot start.
     pub fn start(config: TcpcopyConfig) -> anyhow::Result<Tcpcopy> {
-        let capture = AfPacketRx::open(&AfPacketConfig {
-            interface: config.interface.clone(),
-            filter: Some(config.filter.clone()),
-            ..AfPacketConfig::default()
-        })
-        .with_context(|| format!("cannot capture on -i {}", config.interface))?;
-        let transmit = RawIpTx::open(&RawIpConfig {
-            bind_device: config.output_interface.clone(),
-            ..RawIpConfig::default()
-        })
-        .context("cannot open the raw IP socket that sends to the target")?;
+        let workers = config.workers.max(1);
+        let group = (std::process::id() & 0xffff) as u16;
+        let mut captures = Vec::with_capacity(workers);
+        for i in 0..workers {
+            let fanout = (workers > 1).then_some((
+                group,
+                FanoutMode::PortShard {
+                    workers: workers as u16,
+                },
+            ));
+            let capture = AfPacketRx::open(&AfPacketConfig {
+                interface: config.interface.clone(),
+                filter: Some(config.filter.clone()),
+                fanout,
+                ..AfPacketConfig::default()
+            })
+            .with_context(|| format!("cannot capture on -i {} (worker {i})", config.interface))?;
+            captures.push(capture);
+        }
         let mut client_config = ClientConfig::new(config.intercepts.clone());
         client_config.connections_per_server = config.connections;
         client_config.format = config.record_format;
@@ -196,75 +373,98 @@ impl Tcpcopy {
         client_config.lonely = true;
         let client =
             ControlClient::new(client_config).context("cannot set up the control channel")?;
+        let control_waker = client.waker();
 
         let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(Mutex::new(TcpcopyStats::default()));
-        let (to_control, from_workers) = channel::bounded::<ClientMessage>(1 << 16);
-        let (reply_tx, reply_rx) = channel::bounded::<Response>(1 << 16);
-        let poll = Poll::new().context("mio poll")?;
-        let worker_waker = Arc::new(Waker::new(poll.registry(), WAKE).context("mio waker")?);
-        let parked = Arc::new(AtomicBool::new(false));
-        let control_waker = client.waker();
-        let link = WorkerLink {
-            replies: reply_tx,
-            waker: worker_waker.clone(),
-            parked: parked.clone(),
-        };
-
-        let worker = Worker {
-            poll,
-            capture: Box::new(capture),
-            transmit: Box::new(transmit),
-            batch: TxBatch::new(BURST * 2),
-            ingress: Ingress::new(config.transfers.clone(), config.clients.clone()),
-            table: SessionTable::new(config.session.clone()),
-            replies: reply_rx,
-            to_control,
-            control_waker: control_waker.clone(),
-            parked,
-            busy_poll: config.busy_poll,
-            control_queue_full: 0,
-            packet: Vec::with_capacity(engine::port::MAX_PACKET),
-        };
-        let worker_stop = stop.clone();
-        let worker_stats = stats.clone();
-        let worker = std::thread::Builder::new()
-            .name("tcpcopy-worker0".into())
-            .spawn(move || worker.run(&worker_stop, &worker_stats))
-            .context("cannot start the worker thread")?;
+        let shared = Arc::new(Shared {
+            workers: Mutex::new(vec![WorkerReport::default(); workers]),
+            control: Mutex::new((ClientStats::default(), 0, vec![0; workers])),
+        });
+        let mut links = Vec::with_capacity(workers);
+        let mut handles = Vec::with_capacity(workers);
+        let mut wakers = vec![control_waker.clone()];
+        for (id, capture) in captures.into_iter().enumerate() {
+            let transmit = RawIpTx::open(&RawIpConfig {
+                bind_device: config.output_interface.clone(),
+                ..RawIpConfig::default()
+            })
+            .context("cannot open the raw IP socket that sends to the target")?;
+            let (to_control, messages) = channel::bounded::<ClientMessage>(1 << 16);
+            let (reply_tx, reply_rx) = channel::bounded::<Response>(1 << 16);
+            let poll = Poll::new().context("mio poll")?;
+            let waker = Arc::new(Waker::new(poll.registry(), WAKE).context("mio waker")?);
+            let parked = Arc::new(AtomicBool::new(false));
+            links.push(WorkerLink {
+                replies: reply_tx,
+                messages,
+                waker: waker.clone(),
+                parked: parked.clone(),
+            });
+            wakers.push(waker);
+            let worker = Worker {
+                id,
+                poll,
+                capture: Box::new(capture),
+                transmit: Box::new(transmit),
+                batch: TxBatch::new(BURST * 2),
+                ingress: Ingress::new(config.transfers.clone(), config.clients.clone()),
+                table: SessionTable::new(config.session.clone()),
+                replies: reply_rx,
+                to_control,
+                control_waker: control_waker.clone(),
+                parked,
+                busy_poll: config.busy_poll,
+                control_queue_full: 0,
+                replies_taken: 0,
+                packet: Vec::with_capacity(engine::port::MAX_PACKET),
+                latency: Latency::new(),
+                stamps: Vec::with_capacity(BURST),
+            };
+            let core = config
+                .cores
+                .as_ref()
+                .filter(|c| !c.is_empty())
+                .map(|c| c[id % c.len()]);
+            let worker_stop = stop.clone();
+            let worker_shared = shared.clone();
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("tcpcopy-worker{id}"))
+                    .spawn(move || {
+                        if let Some(core) = core {
+                            if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+                                tracing::warn!("worker {id}: cannot pin to core {core}");
+                            }
+                        }
+                        worker.run(&worker_stop, &worker_shared)
+                    })
+                    .context("cannot start a worker thread")?,
+            );
+        }
         let control_stop = stop.clone();
-        let control_stats = stats.clone();
+        let control_shared = shared.clone();
         let interval = config.stats_interval;
         let control = std::thread::Builder::new()
             .name("tcpcopy-control".into())
-            .spawn(move || {
-                control_loop(
-                    client,
-                    from_workers,
-                    vec![link],
-                    &control_stop,
-                    &control_stats,
-                    interval,
-                )
-            })
+            .spawn(move || control_loop(client, links, &control_stop, &control_shared, interval))
             .context("cannot start the control thread")?;
         Ok(Tcpcopy {
             stop,
-            stats,
-            worker: Some(worker),
+            shared,
+            workers: handles,
             control: Some(control),
-            wakers: vec![worker_waker, control_waker],
+            wakers,
         })
     }
 
-    /// The counters so far (updated by the threads a few times per second).
+    /// The counters so far (workers publish a few times a second).
     pub fn stats(&self) -> TcpcopyStats {
-        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+        snapshot(&self.shared)
     }
 
-    /// True while both threads run.
+    /// True while every thread runs.
     pub fn is_running(&self) -> bool {
-        self.worker.as_ref().is_some_and(|w| !w.is_finished())
+        self.workers.iter().all(|w| !w.is_finished())
             && self.control.as_ref().is_some_and(|c| !c.is_finished())
     }
 
@@ -283,21 +483,14 @@ impl Tcpcopy {
     pub fn join(mut self) -> anyhow::Result<TcpcopyStats> {
         self.stop();
         let mut result = Ok(());
-        for handle in [self.worker.take(), self.control.take()]
-            .into_iter()
-            .flatten()
-        {
-            match handle.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    if result.is_ok() {
-                        result = Err(e);
-                    }
-                }
-                Err(_) => {
-                    if result.is_ok() {
-                        result = Err(anyhow::anyhow!("a tcpcopy thread panicked"));
-                    }
+        let handles: Vec<_> = self.workers.drain(..).chain(self.control.take()).collect();
+        for handle in handles {
+            let outcome = handle
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a tcpcopy thread panicked")));
+            if let Err(e) = outcome {
+                if result.is_ok() {
+                    result = Err(e);
                 }
             }
         }
@@ -305,11 +498,26 @@ impl Tcpcopy {
     }
 }
 
+fn snapshot(shared: &Shared) -> TcpcopyStats {
+    let mut stats = TcpcopyStats::default();
+    if let Ok(w) = shared.workers.lock() {
+        stats.workers = w.clone();
+    }
+    if let Ok(c) = shared.control.lock() {
+        stats.control = c.0;
+        stats.reply_queue_full = c.1;
+        stats.replies_dispatched = c.2.clone();
+    }
+    stats.sum_workers();
+    stats
+}
+
 const CAPTURE: Token = Token(0);
 const WAKE: Token = Token(1);
 
-/// The session worker: owns capture, sessions and transmit.
+/// One session worker: owns its capture socket, sessions and transmit socket.
 struct Worker {
+    id: usize,
     poll: Poll,
     capture: Box<dyn RxPort>,
     transmit: Box<dyn TxPort>,
@@ -322,10 +530,15 @@ struct Worker {
     parked: Arc<AtomicBool>,
     busy_poll: bool,
     control_queue_full: u64,
+    replies_taken: u64,
     packet: Vec<u8>,
+    latency: Latency,
+    /// Capture timestamps (ns since the epoch) of this round's accepted frames.
+    stamps: Vec<u64>,
 }
 
-/// The worker's [`Output`]: packets into the transmit batch, registrations to the control thread.
+/// The worker's [`Output`]: packets into the transmit batch, registrations to the control
+/// thread, reply latencies into the histogram.
 struct WorkerOutput<'a> {
     transmit: &'a mut dyn TxPort,
     batch: &'a mut TxBatch,
@@ -365,13 +578,20 @@ impl WorkerOutput<'_> {
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Worker")
+            .field("id", &self.id)
             .field("sessions", &self.table.len())
             .finish()
     }
 }
 
+fn unix_now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 impl Worker {
-    fn run(mut self, stop: &AtomicBool, stats: &Mutex<TcpcopyStats>) -> anyhow::Result<()> {
+    fn run(mut self, stop: &AtomicBool, shared: &Shared) -> anyhow::Result<()> {
         if let Some(fd) = self.capture.wait_fd() {
             self.poll
                 .registry()
@@ -382,12 +602,14 @@ impl Worker {
         let mut events = Events::with_capacity(8);
         let mut idle = 0u32;
         let mut last_publish = epoch;
+        let mut publishes = 0u32;
         while !stop.load(Ordering::Relaxed) {
             let now = epoch.elapsed();
             let (received, replies) = self.iterate(now)?;
-            if last_publish.elapsed() >= Duration::from_millis(200) {
+            if last_publish.elapsed() >= PUBLISH_EVERY {
                 last_publish = Instant::now();
-                self.publish(stats);
+                publishes += 1;
+                self.publish(shared, publishes.is_multiple_of(5));
             }
             if received > 0 || replies > 0 || self.busy_poll {
                 idle = 0;
@@ -421,7 +643,7 @@ impl Worker {
         self.table.shutdown(now, &mut out);
         let _ = self.transmit.tx_burst(&mut self.batch);
         let _ = self.control_waker.wake();
-        self.publish(stats);
+        self.publish(shared, true);
         Ok(())
     }
 
@@ -436,6 +658,7 @@ impl Worker {
             table,
             to_control,
             packet,
+            stamps,
             ..
         } = self;
         let mut out = WorkerOutput {
@@ -445,12 +668,16 @@ impl Worker {
             queued_control: &mut queued_control,
             control_queue_full: &mut self.control_queue_full,
         };
+        stamps.clear();
         let received = capture
             .rx_burst(BURST, &mut |frame| {
                 if let Some((key, seg)) =
                     ingress.process(frame.data, frame.wire_len, LinkType::Ethernet, packet)
                 {
                     table.on_client_packet(key, packet, &seg, now, &mut out);
+                    if frame.timestamp_ns != 0 {
+                        stamps.push(frame.timestamp_ns);
+                    }
                 }
             })
             .context("capture failed")?;
@@ -462,6 +689,7 @@ impl Worker {
             table.on_response(&resp, now, &mut out);
             replies += 1;
         }
+        self.replies_taken += replies as u64;
         table.run_timers(now, 1024, &mut out);
         if queued_control > 0 {
             // Wake the control thread before the SYNs leave, so CLIENT_ADD has a head start.
@@ -472,17 +700,29 @@ impl Worker {
                 .tx_burst(&mut self.batch)
                 .context("transmit failed")?;
         }
+        if !self.stamps.is_empty() {
+            let sent_at = unix_now_ns();
+            for &stamp in &self.stamps {
+                self.latency
+                    .record_capture_to_tx(Duration::from_nanos(sent_at.saturating_sub(stamp)));
+            }
+        }
         Ok((received, replies))
     }
 
-    fn publish(&self, stats: &Mutex<TcpcopyStats>) {
-        if let Ok(mut s) = stats.lock() {
-            s.ingress = *self.ingress.stats();
-            s.sessions = *self.table.stats();
-            s.table_len = self.table.len();
-            s.capture = self.capture.stats();
-            s.transmit = self.transmit.stats();
-            s.control_queue_full = self.control_queue_full;
+    fn publish(&self, shared: &Shared, with_latency: bool) {
+        if let Ok(mut all) = shared.workers.lock() {
+            let report = &mut all[self.id];
+            report.ingress = *self.ingress.stats();
+            report.sessions = *self.table.stats();
+            report.table_len = self.table.len();
+            report.capture = self.capture.stats();
+            report.transmit = self.transmit.stats();
+            report.control_queue_full = self.control_queue_full;
+            report.replies = self.replies_taken;
+            if with_latency {
+                report.latency = self.latency.clone();
+            }
         }
     }
 }
@@ -503,13 +743,13 @@ fn to_response(h: &engine::control::ResponseHeader) -> Response {
 
 fn control_loop(
     mut client: ControlClient,
-    from_workers: Receiver<ClientMessage>,
     workers: Vec<WorkerLink>,
     stop: &AtomicBool,
-    stats: &Mutex<TcpcopyStats>,
+    shared: &Shared,
     interval: Option<Duration>,
 ) -> anyhow::Result<()> {
     let mut woke = vec![false; workers.len()];
+    let mut dispatched = vec![0u64; workers.len()];
     let mut reply_queue_full = 0u64;
     let mut last_report = Instant::now();
     let mut last_publish = Instant::now();
@@ -518,10 +758,12 @@ fn control_loop(
         if stop.load(Ordering::Relaxed) && stopping_since.is_none() {
             stopping_since = Some(Instant::now());
         }
-        while let Ok(message) = from_workers.try_recv() {
-            client.send_message(&message);
+        for w in &workers {
+            while let Ok(message) = w.messages.try_recv() {
+                client.send_message(&message);
+            }
         }
-        // On stop, give the worker's final messages a moment to leave, then go.
+        // On stop, give the workers' final messages a moment to leave, then go.
         if let Some(since) = stopping_since {
             if since.elapsed() > Duration::from_millis(200) {
                 break;
@@ -532,7 +774,10 @@ fn control_loop(
                 let resp = to_response(header);
                 let owner = resp.key.shard(workers.len());
                 match workers[owner].replies.try_send(resp) {
-                    Ok(()) => woke[owner] = true,
+                    Ok(()) => {
+                        woke[owner] = true;
+                        dispatched[owner] += 1;
+                    }
                     Err(_) => reply_queue_full += 1,
                 }
             })
@@ -543,25 +788,21 @@ fn control_loop(
             }
             woke[i] = false;
         }
-        if last_publish.elapsed() >= Duration::from_millis(200) {
+        if last_publish.elapsed() >= PUBLISH_EVERY {
             last_publish = Instant::now();
-            if let Ok(mut s) = stats.lock() {
-                s.control = client.stats();
-                s.reply_queue_full = reply_queue_full;
+            if let Ok(mut c) = shared.control.lock() {
+                *c = (client.stats(), reply_queue_full, dispatched.clone());
             }
         }
         if let Some(every) = interval {
             if last_report.elapsed() >= every {
                 last_report = Instant::now();
-                if let Ok(s) = stats.lock() {
-                    tracing::info!("{}", s.line());
-                }
+                tracing::info!("{}", snapshot(shared).line());
             }
         }
     }
-    if let Ok(mut s) = stats.lock() {
-        s.control = client.stats();
-        s.reply_queue_full = reply_queue_full;
+    if let Ok(mut c) = shared.control.lock() {
+        *c = (client.stats(), reply_queue_full, dispatched);
     }
     Ok(())
 }
