@@ -11,6 +11,9 @@ command -v dpkg-query >/dev/null || die "this script expects Debian/Ubuntu (dpkg
 
 # package -> a command it provides (documentation only; the check is dpkg's state)
 PACKAGES=(libpcap-dev apache2-utils ethtool tcpdump iproute2 pkg-config wrk procps psmisc)
+# DPDK ports (engine feature `dpdk`): headers and libraries, libclang for bindgen, and the
+# dpdk tools (dpdk-devbind.py, dpdk-hugepages.py).
+PACKAGES+=(libdpdk-dev libclang-dev dpdk)
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 
@@ -67,4 +70,6 @@ for c in nginx ab wrk ethtool tcpdump ip pkg-config; do
 done
 pkg-config --exists libpcap 2>/dev/null && say "ok: libpcap $(pkg-config --modversion libpcap)" \
     || say "warning: pkg-config does not find libpcap"
+pkg-config --exists libdpdk 2>/dev/null && say "ok: libdpdk $(pkg-config --modversion libdpdk)" \
+    || say "warning: pkg-config does not find libdpdk (needed only for --features dpdk)"
 say "done. Next: cargo build --release && scripts/lab.sh up"

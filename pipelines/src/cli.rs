@@ -152,3 +152,57 @@ mod tests {
         assert!(parse_servers("", 1).is_err());
     }
 }
+
+/// The DPDK flags both binaries share.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DpdkArgs {
+    /// Capture through this DPDK device instead of -i: a PCI address bound to vfio-pci
+    /// (0000:01:00.0) or a virtual device given with --dpdk-vdev (net_af_packet0)
+    #[arg(long, value_name = "DEVICE")]
+    pub dpdk_rx: Option<String>,
+    /// Transmit through this DPDK device (mirror-port deployments; default: the --dpdk-rx device)
+    #[arg(long, value_name = "DEVICE")]
+    pub dpdk_tx: Option<String>,
+    /// Create a DPDK virtual device, e.g. net_af_packet0,iface=eth0 (repeatable)
+    #[arg(long, value_name = "ARGS")]
+    pub dpdk_vdev: Vec<String>,
+    /// Allow this PCI device for DPDK, e.g. 0000:01:00.0 (repeatable)
+    #[arg(long, value_name = "ADDRESS")]
+    pub dpdk_pci: Vec<String>,
+    /// Use DPDK's --in-memory mode (hugepages reserved but not mounted)
+    #[arg(long, action = clap::ArgAction::SetTrue)]
+    pub dpdk_in_memory: bool,
+    /// DPDK EAL --lcores
+    #[arg(long, value_name = "LIST")]
+    pub dpdk_lcores: Option<String>,
+    /// Next hop of transmitted frames on DPDK: its MAC (02:77:00:00:00:1e) or IPv4 address (ARP)
+    #[arg(long, value_name = "MAC|IP")]
+    pub next_hop: Option<String>,
+}
+
+impl DpdkArgs {
+    /// The settings, when DPDK was asked for.
+    ///
+    /// # Errors
+    /// DPDK flags given without `--dpdk-rx`.
+    pub fn settings(&self) -> anyhow::Result<Option<crate::ports::DpdkSettings>> {
+        let Some(rx) = self.dpdk_rx.clone() else {
+            if self.dpdk_tx.is_some() || !self.dpdk_vdev.is_empty() || !self.dpdk_pci.is_empty() {
+                anyhow::bail!("DPDK flags need --dpdk-rx DEVICE (e.g. --dpdk-vdev net_af_packet0,iface=eth0 --dpdk-rx net_af_packet0)");
+            }
+            return Ok(None);
+        };
+        if let Some(hop) = &self.next_hop {
+            crate::ports::parse_next_hop(hop)?;
+        }
+        Ok(Some(crate::ports::DpdkSettings {
+            rx_device: rx,
+            tx_device: self.dpdk_tx.clone(),
+            vdevs: self.dpdk_vdev.clone(),
+            pci: self.dpdk_pci.clone(),
+            in_memory: self.dpdk_in_memory,
+            lcores: self.dpdk_lcores.clone(),
+            next_hop: self.next_hop.clone(),
+        }))
+    }
+}

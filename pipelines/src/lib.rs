@@ -3,4 +3,5 @@
 
 pub mod cli;
 pub mod intercept;
+pub mod ports;
 pub mod tcpcopy;

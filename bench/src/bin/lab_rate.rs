@@ -8,6 +8,7 @@
 //! time of each process over the run), as a percentage of one core.
 //!
 //! Run as root: `cargo build --release --workspace && target/release/lab-rate [RATE...]`
+//! (`LAB_RATE_WORKERS=2` runs tcpcopy with two workers).
 
 use anyhow::{bail, Context};
 use lab::{Host, Lab};
@@ -37,6 +38,8 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let bin = |name: &str| lab::workspace_bin(name);
+    // tcpcopy worker threads (LAB_RATE_WORKERS, default 1).
+    let workers = std::env::var("LAB_RATE_WORKERS").unwrap_or_else(|_| "1".into());
     let lab = Lab::up()?;
     let _online = lab.nginx(Host::Online, 80)?;
     let target = lab.nginx(Host::Target, 8080)?;
@@ -69,6 +72,8 @@ fn main() -> anyhow::Result<()> {
             "10.77.0.40",
             "--stats-interval",
             "0",
+            "--workers",
+            &workers,
         ],
     )?;
     tcpcopy.wait_for_log("connected to intercept", Duration::from_secs(10))?;

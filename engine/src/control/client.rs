@@ -1,31 +1,58 @@
-//! The tcpcopy side of the control channel: connections to every intercept server (`-s`),
-//! `-C` of them per server, the version hello, `CLIENT_ADD`/`CLIENT_DEL` fan-out and the
-//! decoding of response records.
+//! The tcpcopy side of the control channel: a link to every intercept server (`-s`), the
+//! version hello, `CLIENT_ADD`/`CLIENT_DEL` fan-out and the decoding of response records, over
+//! TCP (`-C` connections per server, byte-compatible with the C tools) or UDP (one datagram
+//! session per server, see [`udp`](crate::control::udp)), optionally authenticated (see
+//! [`auth`]).
 //!
-//! Differences from the C tcpcopy, none visible on the wire: connects are non-blocking, lost
-//! or refused connections are retried with exponential back-off (100 ms doubling to 5 s) instead
-//! of the `-L` 12-second timer, writes never block (each connection has a bounded backlog;
-//! messages that do not fit are dropped and counted), and an unreachable intercept at startup is
-//! not fatal by itself (the caller decides, see [`ControlClient::wait_connected`] and
-//! [`ControlClient::should_exit`]).
+//! Differences from the C tcpcopy, none visible on the wire:
+//!
+//! * Connects are non-blocking; lost or refused connections are retried with exponential
+//!   back-off ([`ClientConfig::reconnect_initial`] doubling to
+//!   [`ClientConfig::reconnect_max`], 100 ms to 5 s by default) instead of the `-L` 12-second
+//!   timer; an unreachable intercept at startup is not fatal by itself.
+//! * Writes never block: each connection has its own bounded backlog
+//!   ([`ClientConfig::max_buffer_bytes`]); messages that do not fit are dropped and counted
+//!   (`messages_dropped`), so a slow or stalled intercept costs only its own backlog and the
+//!   others keep being served.
+//! * `CLIENT_ADD` goes to every intercept that is up, `CLIENT_DEL` too (the C tcpcopy never
+//!   sends it); all messages of one session use the same connection of each server (chosen by
+//!   the flow hash) so an ADD never overtakes the DEL of the same 4-tuple.
+//!
+//! # `-L` ("lonely")
+//!
+//! The C tcpcopy exits once it has lost every intercept connection unless `-L` is given; with
+//! `-L` it keeps running and retries every 12 s. Here the client itself never gives up: it
+//! retries forever with back-off whatever `lonely` says. [`ControlClient::should_exit`] tells
+//! the caller when the C rule would have stopped (not lonely, at least one link was up once,
+//! and none is up now); tcpcopy-rs runs with `lonely = true` (it never exits because the
+//! intercepts went away), a caller that wants the C behaviour checks `should_exit` after each
+//! poll.
 //!
 //! One thread owns a [`ControlClient`]; other threads interrupt its [`poll`](ControlClient::poll)
 //! with the [`waker`](ControlClient::waker).
 
+use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
+use mio::net::{TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::{debug, info, warn};
 
+use crate::control::auth::{
+    self, random_nonce, random_u64, ClientHandshake, ClientStep, MacKey, Secret, NONCE_LEN,
+};
 use crate::control::codec::{
     ClientMessage, Framing, RecordDecoder, RecordFormat, ResponseHeader, CLIENT_MESSAGE_LEN,
 };
 use crate::control::outbuf::OutBuf;
-use crate::control::ControlError;
+use crate::control::udp::{
+    encode_single, epoch_of, Datagram, DatagramBuilder, DatagramKind, SeqWindow, FLAG_KEYED,
+    MAX_DATAGRAM,
+};
+use crate::control::{ControlError, Transport};
 use crate::flow::FlowKey;
 
 /// Most intercept servers (`MAX_REAL_SERVERS`).
@@ -40,10 +67,16 @@ pub const DEFAULT_RECONNECT_INITIAL: Duration = Duration::from_millis(100);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// Default bound on one connection's unsent bytes.
 pub const DEFAULT_MAX_BUFFER_BYTES: usize = 4 << 20;
-/// Default time a connect may take before it is abandoned and retried.
+/// Default time a connect (and the authentication handshake) may take before it is abandoned
+/// and retried.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default UDP keepalive (HELLO) interval.
+pub const DEFAULT_UDP_KEEPALIVE: Duration = Duration::from_secs(1);
+/// Default silence after which a UDP intercept counts as down.
+pub const DEFAULT_UDP_DEAD_AFTER: Duration = Duration::from_secs(3);
 
 const WAKER: Token = Token(usize::MAX);
+const UDP_SOCKET: Token = Token(usize::MAX - 1);
 const READ_CHUNK: usize = 64 * 1024;
 
 /// Settings of a [`ControlClient`].
@@ -51,11 +84,11 @@ const READ_CHUNK: usize = 64 * 1024;
 pub struct ClientConfig {
     /// Intercept servers (`-s`), 1..=32.
     pub servers: Vec<SocketAddrV4>,
-    /// Connections per server (`-C`), 1..=16.
+    /// TCP connections per server (`-C`), 1..=16. UDP uses one session per server.
     pub connections_per_server: usize,
     /// Record format expected (must match the intercepts).
     pub format: RecordFormat,
-    /// Framing expected (must match the intercepts).
+    /// Framing expected on TCP (must match the intercepts; UDP has its own).
     pub framing: Framing,
     /// `-L`: keep running when every intercept is gone (see [`ControlClient::should_exit`]).
     pub lonely: bool,
@@ -63,15 +96,27 @@ pub struct ClientConfig {
     pub reconnect_initial: Duration,
     /// Longest reconnect delay.
     pub reconnect_max: Duration,
-    /// Bound on one connection's unsent bytes.
+    /// Bound on one connection's unsent bytes (TCP), or on the datagrams waiting for the UDP
+    /// socket.
     pub max_buffer_bytes: usize,
-    /// Time a connect may take (an intercept host that drops SYNs) before it counts as failed.
+    /// Time a connect plus the authentication handshake may take (an intercept host that
+    /// drops SYNs) before it counts as failed.
     pub connect_timeout: Duration,
+    /// TCP (default) or UDP.
+    pub transport: Transport,
+    /// The shared secret; `None` (default): no authentication, the C tools' byte format.
+    pub auth: Option<Secret>,
+    /// UDP: local address of the socket (default `0.0.0.0:0`: any address, a free port).
+    pub udp_local: SocketAddrV4,
+    /// UDP: interval of the keepalive HELLO.
+    pub udp_keepalive: Duration,
+    /// UDP: an intercept that sent nothing for this long counts as down.
+    pub udp_dead_after: Duration,
 }
 
 impl ClientConfig {
-    /// Defaults (2 connections per server, 64-byte records, combined framing, not lonely) for
-    /// `servers`.
+    /// Defaults (2 connections per server, 64-byte records, combined framing, TCP, no
+    /// authentication, not lonely) for `servers`.
     pub fn new(servers: Vec<SocketAddrV4>) -> ClientConfig {
         ClientConfig {
             servers,
@@ -83,6 +128,11 @@ impl ClientConfig {
             reconnect_max: DEFAULT_RECONNECT_MAX,
             max_buffer_bytes: DEFAULT_MAX_BUFFER_BYTES,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            transport: Transport::Tcp,
+            auth: None,
+            udp_local: SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
+            udp_keepalive: DEFAULT_UDP_KEEPALIVE,
+            udp_dead_after: DEFAULT_UDP_DEAD_AFTER,
         }
     }
 }
@@ -90,15 +140,15 @@ impl ClientConfig {
 /// Counters of a [`ControlClient`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ClientStats {
-    /// Connections currently established.
+    /// Connections (UDP: sessions) currently established.
     pub connections_up: u64,
-    /// Connections established in total.
+    /// Connections (UDP: sessions) established in total.
     pub connects: u64,
-    /// Establishments of a connection that had been up before.
+    /// Establishments of a connection (UDP: a server's session) that had been up before.
     pub reconnects: u64,
-    /// Connection attempts that failed (refused, unreachable, …).
+    /// Connection attempts that failed (refused, unreachable, timed out, …).
     pub connect_failures: u64,
-    /// Established connections lost.
+    /// Established connections (UDP: sessions) lost.
     pub disconnects: u64,
     /// Route messages queued to a server (one per server per message).
     pub messages_sent: u64,
@@ -111,6 +161,26 @@ pub struct ClientStats {
     pub bytes_received: u64,
     /// Framing errors (connection dropped) and undecodable records (skipped).
     pub protocol_errors: u64,
+    /// Authentication failures: an intercept without the secret (wrong proof, no handshake),
+    /// or one that closed the connection during the handshake (it refused our proof).
+    pub auth_failures: u64,
+    /// UDP datagrams sent.
+    pub datagrams_sent: u64,
+    /// UDP datagrams received and accepted.
+    pub datagrams_received: u64,
+    /// UDP datagrams from the intercepts that never arrived (gaps in their sequence numbers;
+    /// late arrivals are taken back).
+    pub datagrams_lost: u64,
+    /// UDP datagrams that arrived after a later one.
+    pub datagrams_reordered: u64,
+    /// UDP datagrams dropped as duplicates or replays (sequence number already seen or older
+    /// than the window).
+    pub datagrams_replayed: u64,
+    /// UDP datagrams rejected: not this protocol, a wrong MAC (forged), an unknown session or
+    /// a stale epoch.
+    pub datagrams_rejected: u64,
+    /// UDP datagrams not sent: the socket's queue was full or the send failed.
+    pub datagrams_send_dropped: u64,
 }
 
 #[derive(Debug)]
@@ -120,6 +190,11 @@ enum State {
     },
     Connecting {
         stream: TcpStream,
+        deadline: Instant,
+    },
+    Handshake {
+        stream: TcpStream,
+        handshake: Box<ClientHandshake>,
         deadline: Instant,
     },
     Up(TcpStream),
@@ -142,6 +217,47 @@ struct Server {
     addr: SocketAddrV4,
 }
 
+/// An established UDP session with one intercept.
+#[derive(Debug)]
+struct UdpSession {
+    epoch: u64,
+    up_key: Option<MacKey>,
+    down_key: Option<MacKey>,
+    window: SeqWindow,
+    send_seq: u64,
+}
+
+/// The UDP link to one intercept.
+#[derive(Debug)]
+struct UdpLink {
+    addr: SocketAddr,
+    session_id: u64,
+    nc: [u8; NONCE_LEN],
+    session: Option<UdpSession>,
+    next_hello: Instant,
+    hello_interval: Duration,
+    last_heard: Instant,
+    messages: DatagramBuilder,
+    ever_up: bool,
+    attempts: u32,
+    /// Counters of windows of past sessions.
+    lost: u64,
+    reordered: u64,
+    replayed: u64,
+}
+
+#[derive(Debug)]
+struct UdpSide {
+    socket: UdpSocket,
+    local: SocketAddr,
+    links: Vec<UdpLink>,
+    queue: VecDeque<(SocketAddr, Vec<u8>, usize)>,
+    queued_bytes: usize,
+    queue_limit: usize,
+    scratch: Vec<u8>,
+    hello_key: Option<MacKey>,
+}
+
 /// The tcpcopy end of the control channel (see the module docs).
 #[derive(Debug)]
 pub struct ControlClient {
@@ -152,6 +268,7 @@ pub struct ControlClient {
     config: ClientConfig,
     servers: Vec<Server>,
     conns: Vec<Conn>,
+    udp: Option<UdpSide>,
     read_buf: Box<[u8]>,
     stats: ClientStats,
     ever_up: bool,
@@ -164,7 +281,8 @@ impl ControlClient {
     /// # Errors
     /// [`ControlError::NoServers`], [`ControlError::TooManyServers`],
     /// [`ControlError::BadConnectionCount`] for a bad config; [`ControlError::Io`] if the
-    /// poller cannot be created.
+    /// poller (or, for UDP, the socket) cannot be created; [`ControlError::Bind`] if the UDP
+    /// local address cannot be bound; [`ControlError::Auth`] without OS randomness.
     pub fn new(config: ClientConfig) -> Result<ControlClient, ControlError> {
         if config.servers.is_empty() {
             return Err(ControlError::NoServers);
@@ -182,18 +300,24 @@ impl ControlClient {
         let now = Instant::now();
         let initial = config.reconnect_initial.max(Duration::from_millis(1));
         let servers: Vec<Server> = config.servers.iter().map(|&addr| Server { addr }).collect();
-        let conns = (0..servers.len() * per)
-            .map(|i| Conn {
-                server: i / per,
-                state: State::Down { retry_at: now },
-                out: OutBuf::new(config.max_buffer_bytes.max(CLIENT_MESSAGE_LEN)),
-                decoder: RecordDecoder::new(config.format, config.framing),
-                backoff: initial,
-                up_since: now,
-                ever_up: false,
-                failures: 0,
-            })
-            .collect();
+        let (conns, udp) = match config.transport {
+            Transport::Tcp => {
+                let conns = (0..servers.len() * per)
+                    .map(|i| Conn {
+                        server: i / per,
+                        state: State::Down { retry_at: now },
+                        out: OutBuf::new(config.max_buffer_bytes.max(CLIENT_MESSAGE_LEN)),
+                        decoder: RecordDecoder::new(config.format, config.framing),
+                        backoff: initial,
+                        up_since: now,
+                        ever_up: false,
+                        failures: 0,
+                    })
+                    .collect();
+                (conns, None)
+            }
+            Transport::Udp => (Vec::new(), Some(UdpSide::open(&config, &servers, &poll)?)),
+        };
         let mut client = ControlClient {
             poll,
             events: Events::with_capacity(256),
@@ -202,6 +326,7 @@ impl ControlClient {
             config,
             servers,
             conns,
+            udp,
             read_buf: vec![0; READ_CHUNK].into_boxed_slice(),
             stats: ClientStats::default(),
             ever_up: false,
@@ -217,7 +342,23 @@ impl ControlClient {
 
     /// Counters.
     pub fn stats(&self) -> ClientStats {
-        self.stats
+        let mut s = self.stats;
+        if let Some(udp) = &self.udp {
+            for l in &udp.links {
+                let (lost, reordered, replayed) = l.session.as_ref().map_or((0, 0, 0), |s| {
+                    (s.window.lost, s.window.reordered, s.window.rejected)
+                });
+                s.datagrams_lost += l.lost + lost;
+                s.datagrams_reordered += l.reordered + reordered;
+                s.datagrams_replayed += l.replayed + replayed;
+            }
+        }
+        s
+    }
+
+    /// The local address of the UDP socket (UDP transport only).
+    pub fn udp_local_addr(&self) -> Option<SocketAddr> {
+        self.udp.as_ref().map(|u| u.local)
     }
 
     /// A handle another thread can use to interrupt [`poll`](Self::poll) (e.g. after queueing
@@ -226,7 +367,7 @@ impl ControlClient {
         Arc::clone(&self.waker)
     }
 
-    /// Whether at least one connection to `server` is up.
+    /// Whether `server` is up (TCP: at least one connection; UDP: its session).
     pub fn is_connected(&self, server: SocketAddrV4) -> bool {
         self.servers
             .iter()
@@ -234,40 +375,45 @@ impl ControlClient {
             .any(|(s, srv)| srv.addr == server && self.server_up(s))
     }
 
-    /// How many servers have at least one connection up.
+    /// How many servers are up.
     pub fn connected_servers(&self) -> usize {
         (0..self.servers.len())
             .filter(|&s| self.server_up(s))
             .count()
     }
 
-    /// Whether no connection to any server is up (also true before the first one comes up).
+    /// Whether no server is up (also true before the first one comes up).
     pub fn all_down(&self) -> bool {
-        !self.conns.iter().any(|c| matches!(c.state, State::Up(_)))
+        self.connected_servers() == 0
     }
 
     /// The C tool's exit rule: without `-L` (lonely), tcpcopy stops once every intercept
-    /// connection it had is gone. Never true before the first connection came up.
+    /// connection it had is gone. Never true before the first connection came up. See the
+    /// module docs.
     pub fn should_exit(&self) -> bool {
         !self.config.lonely && self.ever_up && self.all_down()
     }
 
-    /// Queues `CLIENT_ADD` for `key` to every server that is up, on one of its connections
-    /// chosen by the flow's hash (intercept routes the session's responses to that connection;
-    /// the C tool chooses round-robin, which reorders an ADD after a DEL of the same 4-tuple).
-    /// Never blocks. `true` if at least one server took it (the C tool skips the SYN
-    /// otherwise).
+    /// Queues `CLIENT_ADD` for `key` to every server that is up (TCP: on one of its
+    /// connections chosen by the flow's hash, so intercept routes the session's responses to
+    /// that connection; the C tool chooses round-robin, which reorders an ADD after a DEL of
+    /// the same 4-tuple). Never blocks. `true` if at least one server took it (the C tool
+    /// skips the SYN otherwise). UDP: the message leaves with the next [`poll`](Self::poll) or
+    /// [`flush`](Self::flush), batched with others.
     pub fn client_add(&mut self, key: FlowKey) -> bool {
         self.send_message(&ClientMessage::add(key))
     }
 
-    /// Queues `CLIENT_DEL` for `key`, like [`client_add`](Self::client_add).
+    /// Queues `CLIENT_DEL` for `key` (a session ended), like [`client_add`](Self::client_add).
     pub fn client_del(&mut self, key: FlowKey) -> bool {
         self.send_message(&ClientMessage::del(key))
     }
 
     /// Queues any message like [`client_add`](Self::client_add).
     pub fn send_message(&mut self, message: &ClientMessage) -> bool {
+        if self.udp.is_some() {
+            return self.udp_send_message(message);
+        }
         let bytes = message.encode();
         let per = self.config.connections_per_server;
         let mut any = false;
@@ -293,16 +439,28 @@ impl ControlClient {
             any = true;
             if was_idle {
                 // Otherwise a writable event is due and will flush in order.
-                self.flush(i, Instant::now());
+                self.flush_conn(i, Instant::now());
             }
         }
         any
     }
 
-    /// Waits up to `timeout` (shortened to the next reconnect attempt) for the intercepts or
-    /// the waker; completes connects (sending the hello), writes backlogs, reads and decodes
-    /// records (each goes to `on_record`), and retries lost connections that are due. Returns
-    /// the records delivered.
+    /// Sends what is batched (UDP route messages) now. TCP messages are written as they are
+    /// queued, so this does nothing there.
+    pub fn flush(&mut self) {
+        if self.udp.is_some() {
+            for s in 0..self.servers.len() {
+                self.udp_flush_messages(s);
+            }
+            self.udp_drain_queue();
+        }
+    }
+
+    /// Sends batched messages, waits up to `timeout` (shortened to the next reconnect attempt
+    /// or keepalive) for the intercepts or the waker; completes connects and handshakes
+    /// (sending the hello), writes backlogs, reads and decodes records (each goes to
+    /// `on_record`), and retries lost connections that are due. Returns the records
+    /// delivered.
     ///
     /// # Errors
     /// Only a failure of the poller itself.
@@ -312,6 +470,7 @@ impl ControlClient {
         on_record: &mut dyn FnMut(&ResponseHeader),
     ) -> Result<usize, ControlError> {
         let before = self.stats.records_received;
+        self.flush();
         let now = Instant::now();
         self.reconnect_due(now);
         let timeout = match self.next_retry() {
@@ -334,15 +493,25 @@ impl ControlClient {
         }
         let now = Instant::now();
         for r in 0..self.ready.len() {
-            let (Token(i), readable, writable) = self.ready[r];
+            let (token, readable, writable) = self.ready[r];
+            if token == UDP_SOCKET {
+                if writable {
+                    self.udp_drain_queue();
+                }
+                if readable {
+                    self.udp_read(now, on_record);
+                }
+                continue;
+            }
+            let Token(i) = token;
             if i >= self.conns.len() {
                 continue; // the waker
             }
             match self.conns[i].state {
                 State::Connecting { .. } => self.check_connect(i, now, on_record),
-                State::Up(_) => {
+                State::Handshake { .. } | State::Up(_) => {
                     if writable {
-                        self.flush(i, now);
+                        self.flush_conn(i, now);
                     }
                     if readable {
                         self.read(i, now, on_record);
@@ -355,8 +524,8 @@ impl ControlClient {
         Ok((self.stats.records_received - before) as usize)
     }
 
-    /// Polls until every server has a connection up or `timeout` passes; `true` if they all
-    /// came up. Records arriving meanwhile go to `on_record`.
+    /// Polls until every server is up or `timeout` passes; `true` if they all came up.
+    /// Records arriving meanwhile go to `on_record`.
     ///
     /// # Errors
     /// As [`poll`](Self::poll).
@@ -379,36 +548,65 @@ impl ControlClient {
     }
 
     fn server_up(&self, s: usize) -> bool {
+        if let Some(udp) = &self.udp {
+            return udp.links[s].session.is_some();
+        }
         let per = self.config.connections_per_server;
         self.conns[s * per..(s + 1) * per]
             .iter()
             .any(|c| matches!(c.state, State::Up(_)))
     }
 
-    /// The next reconnect attempt or connect deadline.
+    /// The next reconnect attempt, connect or handshake deadline, or keepalive.
     fn next_retry(&self) -> Option<Instant> {
-        self.conns
+        let tcp = self
+            .conns
             .iter()
             .filter_map(|c| match c.state {
                 State::Down { retry_at } => Some(retry_at),
-                State::Connecting { deadline, .. } => Some(deadline),
+                State::Connecting { deadline, .. } | State::Handshake { deadline, .. } => {
+                    Some(deadline)
+                }
                 State::Up(_) => None,
             })
-            .min()
+            .min();
+        let udp = self.udp.as_ref().and_then(|u| {
+            u.links
+                .iter()
+                .map(|l| {
+                    let dead = l.last_heard + self.config.udp_dead_after;
+                    if l.session.is_some() {
+                        l.next_hello.min(dead)
+                    } else {
+                        l.next_hello
+                    }
+                })
+                .min()
+        });
+        match (tcp, udp) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn reconnect_due(&mut self, now: Instant) {
+        if self.udp.is_some() {
+            self.udp_timers(now);
+            return;
+        }
         for i in 0..self.conns.len() {
             match self.conns[i].state {
                 State::Down { retry_at } if retry_at <= now => self.start_connect(i, now),
                 State::Connecting { deadline, .. } if deadline <= now => {
-                    if let State::Connecting { mut stream, .. } =
-                        std::mem::replace(&mut self.conns[i].state, State::Down { retry_at: now })
-                    {
-                        let _ = self.poll.registry().deregister(&mut stream);
-                    }
                     let e = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
-                    self.connect_failed(i, &e, now);
+                    self.abandon(i, &e, now, false);
+                }
+                State::Handshake { deadline, .. } if deadline <= now => {
+                    let e = io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "authentication handshake timed out",
+                    );
+                    self.abandon(i, &e, now, true);
                 }
                 _ => {}
             }
@@ -430,10 +628,10 @@ impl ControlClient {
                         let deadline = now + self.config.connect_timeout;
                         self.conns[i].state = State::Connecting { stream, deadline };
                     }
-                    Err(e) => self.connect_failed(i, &e, now),
+                    Err(e) => self.connect_failed(i, &e, now, false),
                 }
             }
-            Err(e) => self.connect_failed(i, &e, now),
+            Err(e) => self.connect_failed(i, &e, now, false),
         }
     }
 
@@ -454,14 +652,14 @@ impl ControlClient {
                 Err(e) => Some(e),
             },
         };
-        let State::Connecting { mut stream, .. } =
+        let State::Connecting { stream, deadline } =
             std::mem::replace(&mut self.conns[i].state, State::Down { retry_at: now })
         else {
             return;
         };
         if let Some(e) = error {
-            let _ = self.poll.registry().deregister(&mut stream);
-            self.connect_failed(i, &e, now);
+            self.conns[i].state = State::Connecting { stream, deadline };
+            self.abandon(i, &e, now, false);
             return;
         }
         let addr = self.servers[self.conns[i].server].addr;
@@ -470,9 +668,39 @@ impl ControlClient {
         }
         let conn = &mut self.conns[i];
         conn.out.clear();
-        conn.out.push(&ClientMessage::hello().encode());
         conn.decoder.reset();
-        conn.state = State::Up(stream);
+        match &self.config.auth {
+            None => {
+                conn.state = State::Up(stream);
+                self.established(i, now);
+                self.flush_conn(i, now);
+            }
+            Some(secret) => match ClientHandshake::start(secret) {
+                Ok((handshake, challenge)) => {
+                    conn.out.push(&challenge);
+                    conn.state = State::Handshake {
+                        stream,
+                        handshake: Box::new(handshake),
+                        deadline,
+                    };
+                    debug!(server = %addr, connection = i, "authenticating to intercept");
+                    self.flush_conn(i, now);
+                }
+                Err(e) => {
+                    conn.state = State::Connecting { stream, deadline };
+                    self.abandon(i, &e, now, true);
+                    return;
+                }
+            },
+        }
+        self.read(i, now, on_record);
+    }
+
+    /// A connection just became usable: hello queued, counters, log.
+    fn established(&mut self, i: usize, now: Instant) {
+        let addr = self.servers[self.conns[i].server].addr;
+        let conn = &mut self.conns[i];
+        conn.out.push(&ClientMessage::hello().encode());
         conn.up_since = now;
         conn.failures = 0;
         self.stats.connects += 1;
@@ -485,11 +713,31 @@ impl ControlClient {
         }
         conn.ever_up = true;
         self.ever_up = true;
-        self.flush(i, now);
-        self.read(i, now, on_record);
     }
 
-    fn connect_failed(&mut self, i: usize, error: &io::Error, now: Instant) {
+    /// Gives up a connection that is connecting or authenticating (not up).
+    fn abandon(&mut self, i: usize, error: &dyn std::fmt::Display, now: Instant, auth: bool) {
+        let old = std::mem::replace(&mut self.conns[i].state, State::Down { retry_at: now });
+        match old {
+            State::Connecting { mut stream, .. } | State::Handshake { mut stream, .. } => {
+                let _ = self.poll.registry().deregister(&mut stream);
+            }
+            State::Up(mut stream) => {
+                let _ = self.poll.registry().deregister(&mut stream);
+            }
+            State::Down { .. } => {}
+        }
+        self.conns[i].out.clear();
+        self.connect_failed(i, error, now, auth);
+    }
+
+    fn connect_failed(
+        &mut self,
+        i: usize,
+        error: &dyn std::fmt::Display,
+        now: Instant,
+        auth: bool,
+    ) {
         let addr = self.servers[self.conns[i].server].addr;
         let max = self.config.reconnect_max;
         let conn = &mut self.conns[i];
@@ -499,18 +747,32 @@ impl ControlClient {
         conn.state = State::Down {
             retry_at: now + delay,
         };
-        self.stats.connect_failures += 1;
+        if auth {
+            self.stats.auth_failures += 1;
+        } else {
+            self.stats.connect_failures += 1;
+        }
         let attempts = conn.failures;
+        let what = if auth {
+            "cannot authenticate to intercept"
+        } else {
+            "cannot connect to intercept"
+        };
         if attempts % 12 == 1 {
             warn!(server = %addr, connection = i, reason = %error, attempts,
-                retry_in_ms = delay.as_millis() as u64, "cannot connect to intercept");
+                retry_in_ms = delay.as_millis() as u64, "{what}");
         } else {
             debug!(server = %addr, connection = i, reason = %error, attempts,
-                retry_in_ms = delay.as_millis() as u64, "cannot connect to intercept");
+                retry_in_ms = delay.as_millis() as u64, "{what}");
         }
     }
 
     fn lose(&mut self, i: usize, reason: &dyn std::fmt::Display, now: Instant) {
+        if !matches!(self.conns[i].state, State::Up(_)) {
+            // Lost during the handshake: intercept refused us (or went away).
+            self.abandon(i, reason, now, true);
+            return;
+        }
         let addr = self.servers[self.conns[i].server].addr;
         let initial = self.config.reconnect_initial.max(Duration::from_millis(1));
         let max = self.config.reconnect_max;
@@ -540,10 +802,11 @@ impl ControlClient {
             retry_in_ms = delay.as_millis() as u64, "lost connection to intercept");
     }
 
-    fn flush(&mut self, i: usize, now: Instant) {
+    fn flush_conn(&mut self, i: usize, now: Instant) {
         let conn = &mut self.conns[i];
-        let State::Up(stream) = &mut conn.state else {
-            return;
+        let stream = match &mut conn.state {
+            State::Up(stream) | State::Handshake { stream, .. } => stream,
+            _ => return,
         };
         if conn.out.pending() == 0 {
             return;
@@ -556,8 +819,9 @@ impl ControlClient {
     fn read(&mut self, i: usize, now: Instant, on_record: &mut dyn FnMut(&ResponseHeader)) {
         loop {
             let conn = &mut self.conns[i];
-            let State::Up(stream) = &mut conn.state else {
-                return;
+            let stream = match &mut conn.state {
+                State::Up(stream) | State::Handshake { stream, .. } => stream,
+                _ => return,
             };
             let n = match stream.read(&mut self.read_buf) {
                 Ok(0) => {
@@ -572,27 +836,455 @@ impl ControlClient {
                     return;
                 }
             };
-            let stats = &mut self.stats;
-            stats.bytes_received += n as u64;
-            let result =
-                conn.decoder.feed(&self.read_buf[..n], |record| {
-                    match ResponseHeader::parse(record) {
-                        Ok(header) => {
-                            stats.records_received += 1;
-                            on_record(&header);
-                        }
-                        Err(e) => {
-                            stats.protocol_errors += 1;
-                            debug!(error = %e, "undecodable response record skipped");
-                        }
+            self.stats.bytes_received += n as u64;
+            let mut start = 0;
+            if let State::Handshake { handshake, .. } = &mut self.conns[i].state {
+                match handshake.feed(&self.read_buf[..n]) {
+                    Ok(ClientStep::NeedMore) => continue,
+                    Ok(ClientStep::Done { proof, consumed }) => {
+                        start = consumed;
+                        let conn = &mut self.conns[i];
+                        let State::Handshake { stream, .. } =
+                            std::mem::replace(&mut conn.state, State::Down { retry_at: now })
+                        else {
+                            return;
+                        };
+                        conn.state = State::Up(stream);
+                        conn.out.push(&proof);
+                        self.established(i, now);
+                        self.flush_conn(i, now);
                     }
-                });
+                    Err(e) => {
+                        self.abandon(i, &e, now, true);
+                        return;
+                    }
+                }
+            }
+            let conn = &mut self.conns[i];
+            if !matches!(conn.state, State::Up(_)) {
+                return;
+            }
+            let stats = &mut self.stats;
+            let result = conn.decoder.feed(&self.read_buf[start..n], |record| {
+                deliver(stats, record, on_record)
+            });
             if let Err(e) = result {
                 self.stats.protocol_errors += 1;
                 self.lose(i, &e, now);
                 return;
             }
         }
+    }
+
+    // ---- UDP ----
+
+    fn udp_send_message(&mut self, message: &ClientMessage) -> bool {
+        let bytes = message.encode();
+        let mut any = false;
+        for s in 0..self.servers.len() {
+            let Some(udp) = self.udp.as_mut() else {
+                return false;
+            };
+            let link = &mut udp.links[s];
+            if link.session.is_none() {
+                self.stats.messages_dropped += 1;
+                continue;
+            }
+            match link.messages.push(&bytes) {
+                Ok(full) => {
+                    self.stats.messages_sent += 1;
+                    any = true;
+                    if full {
+                        self.udp_flush_messages(s);
+                    }
+                }
+                Err(()) => self.stats.messages_dropped += 1,
+            }
+        }
+        any
+    }
+
+    /// Sends server `s`'s batched messages as one datagram.
+    fn udp_flush_messages(&mut self, s: usize) {
+        let Some(udp) = self.udp.as_mut() else {
+            return;
+        };
+        let link = &mut udp.links[s];
+        if link.messages.is_empty() {
+            return;
+        }
+        let count = link.messages.count();
+        let Some(session) = link.session.as_mut() else {
+            link.messages.clear();
+            self.stats.messages_dropped += count as u64;
+            self.stats.messages_sent -= count as u64;
+            return;
+        };
+        session.send_seq += 1;
+        let bytes = link
+            .messages
+            .finish(
+                link.session_id,
+                session.epoch,
+                session.send_seq,
+                0,
+                session.up_key.as_ref(),
+            )
+            .to_vec();
+        link.messages.clear();
+        let addr = link.addr;
+        if !udp.send(addr, bytes, count, &mut self.stats) {
+            self.stats.messages_sent -= count as u64;
+            self.stats.messages_dropped += count as u64;
+        }
+    }
+
+    fn udp_drain_queue(&mut self) {
+        if let Some(udp) = self.udp.as_mut() {
+            udp.drain(&mut self.stats);
+        }
+    }
+
+    /// Keepalives, hello retries and dead-intercept detection.
+    fn udp_timers(&mut self, now: Instant) {
+        let keepalive = self.config.udp_keepalive.max(Duration::from_millis(1));
+        let dead_after = self.config.udp_dead_after;
+        let initial = self.config.reconnect_initial.max(Duration::from_millis(1));
+        for s in 0..self.servers.len() {
+            let Some(udp) = self.udp.as_mut() else {
+                return;
+            };
+            let link = &mut udp.links[s];
+            if link.session.is_some()
+                && now.saturating_duration_since(link.last_heard) >= dead_after
+            {
+                let dropped = link.messages.count() as u64;
+                link.messages.clear();
+                self.stats.messages_sent -= dropped;
+                self.stats.messages_dropped += dropped;
+                link.end_session();
+                link.nc = random_nonce().unwrap_or(link.nc);
+                link.hello_interval = initial;
+                link.next_hello = now;
+                link.attempts = 0;
+                self.stats.disconnects += 1;
+                self.stats.connections_up -= 1;
+                warn!(server = %link.addr, silent_ms = dead_after.as_millis() as u64,
+                    "lost intercept (UDP: no answer)");
+            }
+            if now < link.next_hello {
+                continue;
+            }
+            let keyed = link.session.is_some();
+            if keyed {
+                link.next_hello = now + keepalive;
+            } else {
+                link.attempts += 1;
+                if link.attempts > 1 {
+                    self.stats.connect_failures += 1;
+                    if link.attempts % 12 == 2 {
+                        warn!(server = %link.addr, attempts = link.attempts - 1,
+                            "no answer from intercept (UDP)");
+                    }
+                }
+                link.next_hello = now + link.hello_interval;
+                link.hello_interval = (link.hello_interval * 2).min(keepalive);
+            }
+            udp.send_hello(s, &mut self.stats);
+        }
+    }
+
+    fn udp_read(&mut self, now: Instant, on_record: &mut dyn FnMut(&ResponseHeader)) {
+        loop {
+            let Some(udp) = self.udp.as_mut() else {
+                return;
+            };
+            let (n, from) = match udp.socket.recv_from(&mut self.read_buf) {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // ICMP errors and the like: nothing to do but carry on.
+                    debug!(error = %e, "UDP receive error");
+                    continue;
+                }
+            };
+            self.stats.bytes_received += n as u64;
+            let verdict = self.udp_datagram(n, now, on_record);
+            if let Err(reason) = verdict {
+                self.stats.datagrams_rejected += 1;
+                debug!(%from, reason, "control datagram rejected");
+            }
+        }
+    }
+
+    /// Handles the datagram in `read_buf[..n]`.
+    fn udp_datagram(
+        &mut self,
+        n: usize,
+        now: Instant,
+        on_record: &mut dyn FnMut(&ResponseHeader),
+    ) -> Result<(), &'static str> {
+        let authenticated = self.config.auth.is_some();
+        let format = self.config.format;
+        let Some(udp) = self.udp.as_mut() else {
+            return Ok(());
+        };
+        let d =
+            Datagram::parse(&self.read_buf[..n], authenticated, format).map_err(|_| "malformed")?;
+        let s = udp
+            .links
+            .iter()
+            .position(|l| l.session_id == d.header.session)
+            .ok_or("unknown session")?;
+        match d.header.kind {
+            DatagramKind::HelloAck => {
+                let (ni, nc) = d.nonces();
+                if nc != Some(udp.links[s].nc) {
+                    return Err("stale or forged hello-ack");
+                }
+                let epoch = epoch_of(&ni);
+                let link = &mut udp.links[s];
+                let same = link.session.as_ref().is_some_and(|x| x.epoch == epoch);
+                if same {
+                    let session = link.session.as_mut().ok_or("no session")?;
+                    if let Some(k) = &session.down_key {
+                        if !d.verify(k) {
+                            return Err("bad MAC");
+                        }
+                    }
+                    if !session.window.accept(d.header.seq).accepted() {
+                        return Ok(()); // counted as replayed
+                    }
+                    link.last_heard = now;
+                    self.stats.datagrams_received += 1;
+                    return Ok(());
+                }
+                let (up_key, down_key) = match &self.config.auth {
+                    Some(secret) => {
+                        let (u, dk) = secret.udp_session_keys(link.session_id, &link.nc, &ni);
+                        (Some(u), Some(dk))
+                    }
+                    None => (None, None),
+                };
+                if let Some(k) = &down_key {
+                    if !d.verify(k) {
+                        return Err("bad MAC");
+                    }
+                }
+                let mut window = SeqWindow::new();
+                window.accept(d.header.seq);
+                let was_up = link.session.is_some();
+                link.end_session();
+                link.session = Some(UdpSession {
+                    epoch,
+                    up_key,
+                    down_key,
+                    window,
+                    send_seq: 0,
+                });
+                link.last_heard = now;
+                link.attempts = 0;
+                self.stats.datagrams_received += 1;
+                self.stats.connects += 1;
+                if !was_up {
+                    self.stats.connections_up += 1;
+                }
+                let addr = link.addr;
+                if link.ever_up {
+                    self.stats.reconnects += 1;
+                    warn!(server = %addr, "reconnected to intercept (UDP session)");
+                } else {
+                    info!(server = %addr, local = %udp.local, "connected to intercept (UDP session)");
+                }
+                link.ever_up = true;
+                self.ever_up = true;
+                // Confirm at once with a keyed HELLO: intercept learns our address from it.
+                link.next_hello = now + self.config.udp_keepalive;
+                udp.send_hello(s, &mut self.stats);
+                Ok(())
+            }
+            DatagramKind::Records => {
+                let link = &mut udp.links[s];
+                let session = link.session.as_mut().ok_or("records without a session")?;
+                if d.header.epoch != session.epoch {
+                    return Err("records of another session");
+                }
+                if let Some(k) = &session.down_key {
+                    if !d.verify(k) {
+                        return Err("bad MAC");
+                    }
+                }
+                if !session.window.accept(d.header.seq).accepted() {
+                    return Ok(()); // counted as replayed
+                }
+                link.last_heard = now;
+                self.stats.datagrams_received += 1;
+                let stats = &mut self.stats;
+                for record in d.items() {
+                    deliver(stats, record, on_record);
+                }
+                Ok(())
+            }
+            DatagramKind::Hello | DatagramKind::Messages => Err("wrong direction"),
+        }
+    }
+}
+
+/// Parses one record and hands it over, counting.
+fn deliver(stats: &mut ClientStats, record: &[u8], on_record: &mut dyn FnMut(&ResponseHeader)) {
+    match ResponseHeader::parse(record) {
+        Ok(header) => {
+            stats.records_received += 1;
+            on_record(&header);
+        }
+        Err(e) => {
+            stats.protocol_errors += 1;
+            debug!(error = %e, "undecodable response record skipped");
+        }
+    }
+}
+
+impl UdpLink {
+    /// Folds the current session's counters into the link's and forgets the session.
+    fn end_session(&mut self) {
+        if let Some(s) = self.session.take() {
+            self.lost += s.window.lost;
+            self.reordered += s.window.reordered;
+            self.replayed += s.window.rejected;
+        }
+    }
+}
+
+impl UdpSide {
+    fn open(
+        config: &ClientConfig,
+        servers: &[Server],
+        poll: &Poll,
+    ) -> Result<UdpSide, ControlError> {
+        let local = SocketAddr::V4(config.udp_local);
+        let mut socket = UdpSocket::bind(local).map_err(|source| ControlError::Bind {
+            addr: config.udp_local,
+            source,
+        })?;
+        poll.registry()
+            .register(
+                &mut socket,
+                UDP_SOCKET,
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .map_err(|e| ControlError::io("registering the UDP socket", e))?;
+        let local = socket
+            .local_addr()
+            .map_err(|e| ControlError::io("reading the UDP socket's address", e))?;
+        let now = Instant::now();
+        let mut links = Vec::with_capacity(servers.len());
+        for srv in servers {
+            links.push(UdpLink {
+                addr: SocketAddr::V4(srv.addr),
+                session_id: random_u64()?,
+                nc: random_nonce()?,
+                session: None,
+                next_hello: now,
+                hello_interval: config.reconnect_initial.max(Duration::from_millis(1)),
+                last_heard: now,
+                messages: DatagramBuilder::new(DatagramKind::Messages, config.format),
+                ever_up: false,
+                attempts: 0,
+                lost: 0,
+                reordered: 0,
+                replayed: 0,
+            });
+        }
+        info!(%local, "control channel over UDP");
+        Ok(UdpSide {
+            socket,
+            local,
+            links,
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            queue_limit: config.max_buffer_bytes.max(MAX_DATAGRAM),
+            scratch: Vec::with_capacity(MAX_DATAGRAM),
+            hello_key: config.auth.as_ref().map(auth::Secret::udp_hello_key),
+        })
+    }
+
+    /// Sends (or queues) `bytes` to `addr`; `false` if it was dropped. `messages` is the count
+    /// of route messages in it, for the drop accounting of the caller.
+    fn send(
+        &mut self,
+        addr: SocketAddr,
+        bytes: Vec<u8>,
+        messages: usize,
+        stats: &mut ClientStats,
+    ) -> bool {
+        if self.queue.is_empty() {
+            match self.socket.send_to(&bytes, addr) {
+                Ok(_) => {
+                    stats.datagrams_sent += 1;
+                    return true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    stats.datagrams_send_dropped += 1;
+                    debug!(%addr, error = %e, "UDP send failed");
+                    return false;
+                }
+            }
+        }
+        if self.queued_bytes + bytes.len() > self.queue_limit {
+            stats.datagrams_send_dropped += 1;
+            return false;
+        }
+        self.queued_bytes += bytes.len();
+        self.queue.push_back((addr, bytes, messages));
+        true
+    }
+
+    fn drain(&mut self, stats: &mut ClientStats) {
+        while let Some((addr, bytes, messages)) = self.queue.front() {
+            match self.socket.send_to(bytes, *addr) {
+                Ok(_) => stats.datagrams_sent += 1,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    stats.datagrams_send_dropped += 1;
+                    stats.messages_sent -= *messages as u64;
+                    stats.messages_dropped += *messages as u64;
+                }
+            }
+            self.queued_bytes -= bytes.len();
+            self.queue.pop_front();
+        }
+    }
+
+    /// Sends link `s`'s HELLO: keyed (epoch, sequence, session key) when its session is up,
+    /// the opening one otherwise.
+    fn send_hello(&mut self, s: usize, stats: &mut ClientStats) {
+        let link = &mut self.links[s];
+        let mut out = std::mem::take(&mut self.scratch);
+        match link.session.as_mut() {
+            Some(session) => {
+                session.send_seq += 1;
+                encode_single(
+                    DatagramKind::Hello,
+                    (link.session_id, session.epoch, session.send_seq, FLAG_KEYED),
+                    &link.nc,
+                    session.up_key.as_ref(),
+                    &mut out,
+                );
+            }
+            None => encode_single(
+                DatagramKind::Hello,
+                (link.session_id, 0, 0, 0),
+                &link.nc,
+                self.hello_key.as_ref(),
+                &mut out,
+            ),
+        }
+        let addr = link.addr;
+        let bytes = out.clone();
+        self.scratch = out;
+        self.send(addr, bytes, 0, stats);
     }
 }
 
@@ -629,15 +1321,23 @@ mod tests {
     fn nothing_is_sent_while_down() {
         // Port 9 (discard) on loopback is closed here: every attempt is refused.
         let addr: SocketAddrV4 = "127.0.0.1:9".parse().unwrap();
-        let mut client = ControlClient::new(ClientConfig::new(vec![addr])).unwrap();
-        let key = FlowKey::new(
-            "10.0.0.1:40000".parse().unwrap(),
-            "10.0.0.2:8080".parse().unwrap(),
-        );
-        assert!(!client.client_add(key));
-        assert_eq!(client.stats().messages_dropped, 1);
-        assert!(client.all_down());
-        assert!(!client.should_exit());
-        assert!(!client.is_connected(addr));
+        for transport in [Transport::Tcp, Transport::Udp] {
+            let mut config = ClientConfig::new(vec![addr]);
+            config.transport = transport;
+            let mut client = ControlClient::new(config).unwrap();
+            let key = FlowKey::new(
+                "10.0.0.1:40000".parse().unwrap(),
+                "10.0.0.2:8080".parse().unwrap(),
+            );
+            assert!(!client.client_add(key));
+            assert_eq!(client.stats().messages_dropped, 1);
+            assert!(client.all_down());
+            assert!(!client.should_exit());
+            assert!(!client.is_connected(addr));
+            assert_eq!(
+                client.udp_local_addr().is_some(),
+                transport == Transport::Udp
+            );
+        }
     }
 }

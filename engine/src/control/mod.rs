@@ -1,36 +1,82 @@
-//! The tcpcopy ⇄ intercept control channel, byte-compatible with the C tools (spec §2).
+//! The tcpcopy ⇄ intercept control channel: byte-compatible with the C tools over TCP (spec
+//! §2), with two optional extensions that change nothing on the wire unless enabled: a UDP
+//! transport and authentication.
 //!
 //! * [`codec`]: the wire formats — 14-byte route messages, 64/192-byte response records,
 //!   combined/plain framing — with stream decoders that accept any chunking.
-//! * [`client`]: the tcpcopy side — connections to every intercept (`-s`, `-C`), the hello,
-//!   `CLIENT_ADD`/`CLIENT_DEL` fan-out, response decoding, reconnect with back-off.
-//! * [`server`]: the intercept side — listener, per-connection message decoding, record
-//!   batching with a bounded backlog per tcpcopy.
+//! * [`client`]: the tcpcopy side — links to every intercept (`-s`; over TCP `-C` connections
+//!   each), the hello, `CLIENT_ADD`/`CLIENT_DEL` fan-out, response decoding, reconnect with
+//!   back-off, `-L` semantics.
+//! * [`server`]: the intercept side — listener (TCP) or socket (UDP), per-connection message
+//!   decoding, record batching with a bounded backlog per tcpcopy, a 2 ms flush.
+//! * [`udp`]: the UDP datagram format, sequence numbers, loss/reorder/replay window.
+//! * [`auth`]: shared secret, TCP challenge-response (HMAC-SHA256 both ways), UDP datagram MACs.
 //! * [`route`]: intercept's route table (exact 4-tuple → connection, with idle expiry) and the
 //!   delay queue for SYN/RST responses that beat their `CLIENT_ADD`.
+//! * [`replica`]: route tables that many capture threads read without locks (one replica per
+//!   thread, fed by the control thread).
+//! * [`single`]: intercept's `--single` mode (no routes; responses spread by key).
 //!
 //! Nothing here blocks: all sockets are non-blocking under a `mio::Poll` owned by the side's
 //! control thread; a `mio::Waker` lets other threads interrupt the wait.
 
+pub mod auth;
 pub mod client;
 pub mod codec;
 mod outbuf;
+pub mod replica;
 pub mod route;
 pub mod server;
+pub mod single;
+pub mod udp;
 
 use std::io;
 use std::net::SocketAddrV4;
 
+pub use auth::{AuthError, Secret};
 pub use client::{ClientConfig, ClientStats, ControlClient};
 pub use codec::{
     encode_record, BatchEncoder, ClientMessage, CodecError, Framing, MessageDecoder, MessageFeed,
     MessageType, RecordDecoder, RecordFormat, ResponseHeader,
 };
+pub use replica::{ReplicaConfig, RouteFeed, RouteReplica, RouteUpdate};
 pub use route::{DelayQueue, DelayStats, RouteStats, RouteTable};
 pub use server::{ConnId, ControlServer, ServerConfig, ServerEvent, ServerStats};
+pub use single::{Admission, SingleSpread};
 
 /// The C tools' default control port (`SERVER_PORT`).
 pub const DEFAULT_PORT: u16 = 36524;
+
+/// The transport of the control channel; both sides must use the same one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Transport {
+    /// TCP, byte-compatible with the C tools (the default).
+    #[default]
+    Tcp,
+    /// UDP datagrams with sequence numbers (a tcpcopy-rs extension, see [`udp`]).
+    Udp,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Transport::Tcp),
+            "udp" => Ok(Transport::Udp),
+            other => Err(format!("unknown transport '{other}': use tcp or udp")),
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        })
+    }
+}
 
 /// Why a control-channel endpoint could not be set up or keep running.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +109,9 @@ pub enum ControlError {
     /// A caller token id that collides with the control channel's own tokens.
     #[error("token id {0} is too large (must be below 2^62)")]
     TokenOutOfRange(usize),
+    /// Authentication could not be set up (no randomness).
+    #[error("control channel authentication: {0}")]
+    Auth(#[from] AuthError),
 }
 
 impl ControlError {

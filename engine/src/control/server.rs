@@ -1,9 +1,19 @@
-//! The intercept side of the control channel: listens for tcpcopy connections, decodes their
-//! hello and route messages, and sends response records back in batches.
+//! The intercept side of the control channel: accepts tcpcopys over TCP (byte-compatible with
+//! the C tools) or UDP (see [`udp`](crate::control::udp)), optionally authenticated (see
+//! [`auth`](crate::control::auth)), decodes their hello and route messages, and sends response
+//! records back in batches.
 //!
-//! Unlike the C intercept (blocking writes: one slow tcpcopy stalls everything) every
+//! Unlike the C intercept (blocking writes: one slow tcpcopy stalls everything) every TCP
 //! connection has its own bounded backlog; records that do not fit are dropped and counted, so
-//! a slow tcpcopy only loses its own responses.
+//! a slow tcpcopy only loses its own responses. Over UDP nothing ever waits: a slow tcpcopy
+//! loses datagrams at its own socket, and counts them.
+//!
+//! A UDP tcpcopy is a *peer*, identified by its session id and known by the address of its
+//! latest (authenticated) datagram; it gets a [`ConnId`] like a TCP connection, is reported
+//! `Connected` once its session is confirmed, and `Disconnected` when it has been silent for
+//! [`ServerConfig::udp_peer_timeout`]. With authentication a TCP connection is reported
+//! `Connected` only after tcpcopy proved the secret; a refused one is never reported and is
+//! counted in `auth_refused`.
 //!
 //! One thread owns a [`ControlServer`]. Its [`poll`](ControlServer::poll) also waits on file
 //! descriptors the pipeline registers (the capture socket), reporting them as
@@ -25,6 +35,7 @@
 //! # }
 //! ```
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, Read};
 use std::net::{SocketAddr, SocketAddrV4};
@@ -32,17 +43,22 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::{debug, info, warn};
 
+use crate::control::auth::{random_nonce, MacKey, Secret, ServerHandshake, ServerStep, NONCE_LEN};
 use crate::control::codec::{
     BatchEncoder, ClientMessage, CodecError, Framing, MessageDecoder, RecordFormat,
-    INTERNAL_VERSION,
+    CLIENT_MESSAGE_LEN, INTERNAL_VERSION,
 };
 use crate::control::outbuf::OutBuf;
-use crate::control::ControlError;
+use crate::control::udp::{
+    encode_single, epoch_of, Datagram, DatagramBuilder, DatagramKind, SeqWindow, UdpError,
+    MAX_DATAGRAM,
+};
+use crate::control::{ControlError, Transport};
 
 /// How long a partly filled batch may wait before it is written (`CHECK_INTERVAL`).
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(2);
@@ -50,15 +66,22 @@ pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(2);
 pub const DEFAULT_MAX_BUFFER_BYTES: usize = 4 << 20;
 /// Default bound on simultaneous tcpcopy connections (`MAX_FD_NUM`).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default time a TCP peer has to complete the authentication handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default silence after which a UDP tcpcopy is forgotten (its routes go).
+pub const DEFAULT_UDP_PEER_TIMEOUT: Duration = Duration::from_secs(10);
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
 /// Connection tokens are `CONN_BASE + slot`; caller tokens must stay below.
 const CONN_BASE: usize = 1 << (usize::BITS - 2);
 const READ_CHUNK: usize = 16 * 1024;
+const EXPIRY_CHECK: Duration = Duration::from_millis(100);
+const AUTH_MISMATCH: &str = "authentication on one side only";
+const AUTH_BAD_HELLO: &str = "bad MAC on an opening HELLO (another secret)";
 
-/// A tcpcopy connection. The id of a closed connection is never reused (a generation count
-/// guards the slot), so a stale route cannot reach a newer connection.
+/// A tcpcopy connection (or UDP peer). The id of a closed connection is never reused (a
+/// generation count guards the slot), so a stale route cannot reach a newer connection.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId {
     slot: u32,
@@ -97,12 +120,12 @@ impl fmt::Display for ConnId {
 /// What [`ControlServer::poll`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServerEvent {
-    /// A tcpcopy connected from this address.
+    /// A tcpcopy connected (and, with authentication, proved the secret) from this address.
     Connected(ConnId, SocketAddr),
     /// A message after the hello: `CLIENT_ADD`, `CLIENT_DEL` or an unknown type (log and
     /// ignore it).
     Message(ConnId, ClientMessage),
-    /// The connection is gone (EOF, error, protocol error); drop its routes.
+    /// The connection is gone (EOF, error, protocol error, UDP silence); drop its routes.
     Disconnected(ConnId),
     /// A descriptor registered with [`ControlServer::register_fd`] is readable. Readiness is
     /// edge-triggered: read it until `EAGAIN`, or no further event comes.
@@ -116,18 +139,27 @@ pub struct ServerConfig {
     pub addr: SocketAddrV4,
     /// Record format sent (must match the tcpcopy).
     pub format: RecordFormat,
-    /// Framing sent (must match the tcpcopy).
+    /// Framing sent over TCP (must match the tcpcopy).
     pub framing: Framing,
-    /// Bound on one connection's unsent bytes.
+    /// Bound on one TCP connection's unsent bytes, or on the datagrams waiting for the UDP
+    /// socket.
     pub max_buffer_bytes: usize,
     /// Longest time a partly filled batch waits.
     pub flush_interval: Duration,
-    /// Most simultaneous connections; more are accepted and closed at once.
+    /// Most simultaneous connections (UDP: peers); more are refused (counted).
     pub max_connections: usize,
+    /// TCP (default) or UDP.
+    pub transport: Transport,
+    /// The shared secret; `None` (default): no authentication, the C tools' byte format.
+    pub auth: Option<Secret>,
+    /// Time a TCP peer has to complete the authentication handshake.
+    pub handshake_timeout: Duration,
+    /// UDP: a tcpcopy silent this long is forgotten (reported `Disconnected`).
+    pub udp_peer_timeout: Duration,
 }
 
 impl ServerConfig {
-    /// Defaults for everything but the address and the format.
+    /// Defaults (TCP, no authentication) for everything but the address and the format.
     pub fn new(addr: SocketAddrV4, format: RecordFormat, framing: Framing) -> ServerConfig {
         ServerConfig {
             addr,
@@ -136,6 +168,10 @@ impl ServerConfig {
             max_buffer_bytes: DEFAULT_MAX_BUFFER_BYTES,
             flush_interval: DEFAULT_FLUSH_INTERVAL,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            transport: Transport::Tcp,
+            auth: None,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            udp_peer_timeout: DEFAULT_UDP_PEER_TIMEOUT,
         }
     }
 }
@@ -143,15 +179,15 @@ impl ServerConfig {
 /// Counters of a [`ControlServer`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ServerStats {
-    /// Connections currently open.
+    /// Connections (UDP: confirmed peers) currently open.
     pub connections_up: u64,
-    /// Connections accepted in total.
+    /// Connections accepted (UDP: peers confirmed) in total.
     pub connections_accepted: u64,
-    /// Connections closed at once because of `max_connections`.
+    /// Connections closed at once (UDP: peers not admitted) because of `max_connections`.
     pub connections_refused: u64,
-    /// Connections lost or closed.
+    /// Connections lost or closed (UDP: peers forgotten).
     pub disconnects: u64,
-    /// Hellos received.
+    /// Hellos received (TCP: the version message; UDP: HELLO datagrams accepted).
     pub hellos: u64,
     /// Hellos with a version other than 6 (accepted with a warning, like the C intercept).
     pub version_mismatches: u64,
@@ -163,30 +199,102 @@ pub struct ServerStats {
     pub records_queued: u64,
     /// Records dropped because their connection's backlog was full.
     pub records_dropped: u64,
-    /// Records for a connection that no longer exists.
+    /// Records for a connection that no longer exists (or is not confirmed).
     pub records_no_connection: u64,
     /// Records of the wrong size.
     pub records_bad_length: u64,
-    /// Batches moved to a connection's output.
+    /// Batches moved to a connection's output (UDP: datagrams of records).
     pub batches: u64,
     /// Bytes written to sockets.
     pub bytes_sent: u64,
+    /// Peers that proved the secret.
+    pub auth_ok: u64,
+    /// Peers refused by authentication: TCP: no handshake (e.g. a C tcpcopy), a wrong secret,
+    /// a handshake not finished in time; UDP: opening HELLOs without a MAC or with a MAC of
+    /// another secret (also counted in `datagrams_rejected`, with every other datagram whose
+    /// MAC does not verify).
+    pub auth_refused: u64,
+    /// UDP datagrams received and accepted.
+    pub datagrams_received: u64,
+    /// UDP datagrams sent.
+    pub datagrams_sent: u64,
+    /// UDP datagrams from tcpcopys that never arrived (gaps in their sequence numbers).
+    pub datagrams_lost: u64,
+    /// UDP datagrams that arrived after a later one.
+    pub datagrams_reordered: u64,
+    /// UDP datagrams dropped as duplicates or replays.
+    pub datagrams_replayed: u64,
+    /// UDP datagrams rejected: malformed, wrong MAC (forged or another secret), unknown
+    /// session or epoch, wrong direction.
+    pub datagrams_rejected: u64,
+    /// UDP datagrams not sent: the socket's queue was full or the send failed.
+    pub datagrams_send_dropped: u64,
+}
+
+/// Keys and sequence state of one UDP session of a peer.
+#[derive(Debug)]
+struct PeerSession {
+    nc: [u8; NONCE_LEN],
+    ni: [u8; NONCE_LEN],
+    epoch: u64,
+    up_key: Option<MacKey>,
+    down_key: Option<MacKey>,
+    window: SeqWindow,
+    send_seq: u64,
+}
+
+#[derive(Debug)]
+struct UdpPeer {
+    session_id: u64,
+    current: Option<PeerSession>,
+    pending: Option<PeerSession>,
+    batch: DatagramBuilder,
+    last_heard: Instant,
+}
+
+#[derive(Debug)]
+struct TcpConn {
+    stream: TcpStream,
+    decoder: MessageDecoder,
+    batch: BatchEncoder,
+    out: OutBuf,
+    handshake: Option<(Box<ServerHandshake>, Instant)>,
+}
+
+#[derive(Debug)]
+enum Link {
+    Tcp(TcpConn),
+    Udp(Box<UdpPeer>),
 }
 
 #[derive(Debug)]
 struct Conn {
-    stream: TcpStream,
     peer: SocketAddr,
-    decoder: MessageDecoder,
-    batch: BatchEncoder,
     batch_started: Instant,
-    out: OutBuf,
+    /// Reported `Connected` (so `Disconnected` is owed when it goes).
+    announced: bool,
+    link: Link,
+}
+
+impl Conn {
+    fn batch_is_empty(&self) -> bool {
+        match &self.link {
+            Link::Tcp(t) => t.batch.is_empty(),
+            Link::Udp(u) => u.batch.is_empty(),
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Slot {
     generation: u32,
     conn: Option<Conn>,
+}
+
+#[derive(Debug)]
+enum Endpoint {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
 }
 
 /// The intercept end of the control channel (see the module docs).
@@ -196,7 +304,7 @@ pub struct ControlServer {
     events: Events,
     ready: Vec<(Token, bool, bool)>,
     waker: Arc<Waker>,
-    listener: TcpListener,
+    endpoint: Endpoint,
     local_addr: SocketAddrV4,
     config: ServerConfig,
     slots: Vec<Slot>,
@@ -205,10 +313,22 @@ pub struct ControlServer {
     lost: Vec<ConnId>,
     clock: Instant,
     stats: ServerStats,
+    /// UDP: peers by session id.
+    peers: HashMap<u64, u32>,
+    /// UDP: datagrams waiting for the socket, bounded by `max_buffer_bytes`.
+    send_queue: VecDeque<(SocketAddr, Vec<u8>)>,
+    queued_bytes: usize,
+    hello_key: Option<MacKey>,
+    scratch: Vec<u8>,
+    last_expiry: Instant,
+    /// Window counters of UDP sessions that ended.
+    past_lost: u64,
+    past_reordered: u64,
+    past_replayed: u64,
 }
 
 impl ControlServer {
-    /// Listens on `addr` (SO_REUSEADDR) with default settings.
+    /// Listens on `addr` (SO_REUSEADDR) with default settings (TCP).
     ///
     /// # Errors
     /// [`ControlError::Bind`] naming the address and the cause (e.g. address in use).
@@ -233,29 +353,56 @@ impl ControlServer {
             addr: config.addr,
             source,
         };
-        let mut listener = TcpListener::bind(SocketAddr::V4(config.addr)).map_err(bind_err)?;
-        let local_addr = match listener.local_addr().map_err(bind_err)? {
+        let (mut endpoint, local) = match config.transport {
+            Transport::Tcp => {
+                let l = TcpListener::bind(SocketAddr::V4(config.addr)).map_err(bind_err)?;
+                let a = l.local_addr().map_err(bind_err)?;
+                (Endpoint::Tcp(l), a)
+            }
+            Transport::Udp => {
+                let s = UdpSocket::bind(SocketAddr::V4(config.addr)).map_err(bind_err)?;
+                let a = s.local_addr().map_err(bind_err)?;
+                (Endpoint::Udp(s), a)
+            }
+        };
+        let local_addr = match local {
             SocketAddr::V4(a) => a,
             SocketAddr::V6(_) => config.addr,
         };
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)
-            .map_err(|e| ControlError::io("registering the listener", e))?;
-        info!(addr = %local_addr, "control channel listening");
+        let registered = match &mut endpoint {
+            Endpoint::Tcp(l) => poll.registry().register(l, LISTENER, Interest::READABLE),
+            Endpoint::Udp(s) => {
+                poll.registry()
+                    .register(s, LISTENER, Interest::READABLE | Interest::WRITABLE)
+            }
+        };
+        registered.map_err(|e| ControlError::io("registering the listener", e))?;
+        info!(addr = %local_addr, transport = %config.transport,
+            authenticated = config.auth.is_some(), "control channel listening");
+        let now = Instant::now();
         Ok(ControlServer {
             poll,
             events: Events::with_capacity(256),
             ready: Vec::with_capacity(256),
             waker: Arc::new(waker),
-            listener,
+            endpoint,
             local_addr,
+            hello_key: config.auth.as_ref().map(Secret::udp_hello_key),
             config,
             slots: Vec::new(),
             free: Vec::new(),
-            read_buf: vec![0; READ_CHUNK].into_boxed_slice(),
+            read_buf: vec![0; READ_CHUNK.max(MAX_DATAGRAM * 2)].into_boxed_slice(),
             lost: Vec::new(),
-            clock: Instant::now(),
+            clock: now,
             stats: ServerStats::default(),
+            peers: HashMap::new(),
+            send_queue: VecDeque::new(),
+            queued_bytes: 0,
+            scratch: Vec::with_capacity(MAX_DATAGRAM),
+            last_expiry: now,
+            past_lost: 0,
+            past_reordered: 0,
+            past_replayed: 0,
         })
     }
 
@@ -271,7 +418,23 @@ impl ControlServer {
 
     /// Counters.
     pub fn stats(&self) -> ServerStats {
-        self.stats
+        let mut s = self.stats;
+        s.datagrams_lost += self.past_lost;
+        s.datagrams_reordered += self.past_reordered;
+        s.datagrams_replayed += self.past_replayed;
+        for slot in &self.slots {
+            if let Some(Conn {
+                link: Link::Udp(p), ..
+            }) = &slot.conn
+            {
+                for sess in p.current.iter().chain(p.pending.iter()) {
+                    s.datagrams_lost += sess.window.lost;
+                    s.datagrams_reordered += sess.window.reordered;
+                    s.datagrams_replayed += sess.window.rejected;
+                }
+            }
+        }
+        s
     }
 
     /// A handle another thread can use to interrupt [`poll`](Self::poll).
@@ -307,7 +470,7 @@ impl ControlServer {
             .map_err(|e| ControlError::io("deregistering a descriptor", e))
     }
 
-    /// Connections open.
+    /// Connections (UDP: peers) open, confirmed or not.
     pub fn connection_count(&self) -> usize {
         self.slots.iter().filter(|s| s.conn.is_some()).count()
     }
@@ -317,14 +480,18 @@ impl ControlServer {
         self.conn(conn).is_some()
     }
 
-    /// The peer address of `conn`.
+    /// The peer address of `conn` (UDP: of its latest authenticated datagram).
     pub fn peer_addr(&self, conn: ConnId) -> Option<SocketAddr> {
         self.conn(conn).map(|c| c.peer)
     }
 
-    /// Unsent bytes of `conn` (its backlog, not counting the open batch).
+    /// Unsent bytes of `conn` (its backlog, not counting the open batch; UDP: the socket's
+    /// shared queue).
     pub fn backlog(&self, conn: ConnId) -> usize {
-        self.conn(conn).map_or(0, |c| c.out.pending())
+        self.conn(conn).map_or(0, |c| match &c.link {
+            Link::Tcp(t) => t.out.pending(),
+            Link::Udp(_) => self.queued_bytes,
+        })
     }
 
     /// Waits up to `timeout` (shortened to the next batch deadline), accepts connections,
@@ -364,12 +531,22 @@ impl ControlServer {
         for i in 0..self.ready.len() {
             let (token, readable, writable) = self.ready[i];
             match token {
-                LISTENER => self.accept(on_event),
+                LISTENER => match self.endpoint {
+                    Endpoint::Tcp(_) => self.accept(on_event),
+                    Endpoint::Udp(_) => {
+                        if writable {
+                            self.drain_queue();
+                        }
+                        if readable {
+                            self.udp_read(on_event);
+                        }
+                    }
+                },
                 WAKER => {}
                 Token(t) if t >= CONN_BASE => {
                     let slot = (t - CONN_BASE) as u32;
                     if writable {
-                        self.write_conn(slot, on_event);
+                        self.write_conn(slot);
                     }
                     if readable {
                         self.read_conn(slot, on_event);
@@ -387,7 +564,8 @@ impl ControlServer {
 
     /// Adds one record (exactly `format.record_len()` bytes) to `conn`'s batch; a full batch
     /// is written at once, a partial one by [`flush_due`](Self::flush_due). `false` if the
-    /// record was dropped (connection gone, backlog full, wrong size; all counted).
+    /// record was dropped (connection gone or not confirmed, backlog full, wrong size; all
+    /// counted).
     pub fn send_record(&mut self, conn: ConnId, record: &[u8]) -> bool {
         if record.len() != self.config.format.record_len() {
             self.stats.records_bad_length += 1;
@@ -395,7 +573,12 @@ impl ControlServer {
         }
         let clock = self.clock;
         let slot = match self.slots.get_mut(conn.slot as usize) {
-            Some(s) if s.generation == conn.generation && s.conn.is_some() => s,
+            Some(s)
+                if s.generation == conn.generation
+                    && s.conn.as_ref().is_some_and(|c| c.announced) =>
+            {
+                s
+            }
             _ => {
                 self.stats.records_no_connection += 1;
                 return false;
@@ -404,14 +587,20 @@ impl ControlServer {
         let Some(c) = slot.conn.as_mut() else {
             return false;
         };
-        if !c.out.fits(c.batch.bytes().len() + c.batch.push_cost()) {
-            self.stats.records_dropped += 1;
-            return false;
-        }
-        if c.batch.is_empty() {
+        if c.batch_is_empty() {
             c.batch_started = clock;
         }
-        match c.batch.push(record) {
+        let pushed = match &mut c.link {
+            Link::Tcp(t) => {
+                if !t.out.fits(t.batch.bytes().len() + t.batch.push_cost()) {
+                    self.stats.records_dropped += 1;
+                    return false;
+                }
+                t.batch.push(record).map_err(|_| ())
+            }
+            Link::Udp(u) => u.batch.push(record),
+        };
+        match pushed {
             Ok(full) => {
                 self.stats.records_queued += 1;
                 if full {
@@ -419,26 +608,30 @@ impl ControlServer {
                 }
                 true
             }
-            Err(_) => {
+            Err(()) => {
                 self.stats.records_bad_length += 1;
                 false
             }
         }
     }
 
-    /// Writes every batch that has waited for the flush interval at `now`. Call it at least
-    /// every interval (see [`next_flush_deadline`](Self::next_flush_deadline)); `poll` calls it
-    /// too.
+    /// Writes every batch that has waited for the flush interval at `now`, and (UDP) forgets
+    /// silent peers, (TCP) refuses handshakes that took too long. Call it at least every
+    /// interval (see [`next_flush_deadline`](Self::next_flush_deadline)); `poll` calls it too.
     pub fn flush_due(&mut self, now: Instant) {
         self.clock = now;
         let interval = self.config.flush_interval;
         for slot in 0..self.slots.len() {
             let due = self.slots[slot].conn.as_ref().is_some_and(|c| {
-                !c.batch.is_empty() && now.saturating_duration_since(c.batch_started) >= interval
+                !c.batch_is_empty() && now.saturating_duration_since(c.batch_started) >= interval
             });
             if due {
                 self.flush_batch(slot as u32);
             }
+        }
+        if now.saturating_duration_since(self.last_expiry) >= EXPIRY_CHECK {
+            self.last_expiry = now;
+            self.expire(now);
         }
     }
 
@@ -448,7 +641,7 @@ impl ControlServer {
             if self.slots[slot]
                 .conn
                 .as_ref()
-                .is_some_and(|c| !c.batch.is_empty())
+                .is_some_and(|c| !c.batch_is_empty())
             {
                 self.flush_batch(slot as u32);
             }
@@ -460,7 +653,7 @@ impl ControlServer {
         self.slots
             .iter()
             .filter_map(|s| s.conn.as_ref())
-            .filter(|c| !c.batch.is_empty())
+            .filter(|c| !c.batch_is_empty())
             .map(|c| c.batch_started + self.config.flush_interval)
             .min()
     }
@@ -487,9 +680,41 @@ impl ControlServer {
         }
     }
 
+    fn alloc_slot(&mut self) -> u32 {
+        match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(Slot {
+                    generation: 0,
+                    conn: None,
+                });
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    fn announce(&mut self, slot: u32, on_event: &mut dyn FnMut(ServerEvent)) {
+        let id = self.id_of(slot);
+        let Some(c) = self.slots[slot as usize].conn.as_mut() else {
+            return;
+        };
+        if c.announced {
+            return;
+        }
+        c.announced = true;
+        let peer = c.peer;
+        self.stats.connections_accepted += 1;
+        self.stats.connections_up += 1;
+        info!(%peer, conn = %id, "tcpcopy connected");
+        on_event(ServerEvent::Connected(id, peer));
+    }
+
     fn accept(&mut self, on_event: &mut dyn FnMut(ServerEvent)) {
         loop {
-            match self.listener.accept() {
+            let Endpoint::Tcp(listener) = &self.endpoint else {
+                return;
+            };
+            match listener.accept() {
                 Ok((stream, peer)) => self.add_conn(stream, peer, on_event),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -517,16 +742,17 @@ impl ControlServer {
         if let Err(e) = stream.set_nodelay(true) {
             debug!(%peer, error = %e, "cannot set TCP_NODELAY");
         }
-        let slot = match self.free.pop() {
-            Some(s) => s,
-            None => {
-                self.slots.push(Slot {
-                    generation: 0,
-                    conn: None,
-                });
-                (self.slots.len() - 1) as u32
-            }
+        let handshake = match &self.config.auth {
+            None => None,
+            Some(secret) => match ServerHandshake::start(secret) {
+                Ok(h) => Some((Box::new(h), self.clock + self.config.handshake_timeout)),
+                Err(e) => {
+                    warn!(%peer, error = %e, "cannot authenticate a control connection");
+                    return;
+                }
+            },
         };
+        let slot = self.alloc_slot();
         let token = Token(CONN_BASE + slot as usize);
         if let Err(e) = self.poll.registry().register(
             &mut stream,
@@ -537,27 +763,38 @@ impl ControlServer {
             self.free.push(slot);
             return;
         }
+        let authenticating = handshake.is_some();
         self.slots[slot as usize].conn = Some(Conn {
-            stream,
             peer,
-            decoder: MessageDecoder::new(),
-            batch: BatchEncoder::new(self.config.format, self.config.framing),
             batch_started: self.clock,
-            out: OutBuf::new(self.config.max_buffer_bytes),
+            announced: false,
+            link: Link::Tcp(TcpConn {
+                stream,
+                decoder: MessageDecoder::new(),
+                batch: BatchEncoder::new(self.config.format, self.config.framing),
+                out: OutBuf::new(self.config.max_buffer_bytes),
+                handshake,
+            }),
         });
-        self.stats.connections_accepted += 1;
-        self.stats.connections_up += 1;
-        let id = self.id_of(slot);
-        info!(%peer, conn = %id, "tcpcopy connected");
-        on_event(ServerEvent::Connected(id, peer));
+        if authenticating {
+            debug!(%peer, "tcpcopy connecting; waiting for its authentication");
+        } else {
+            self.announce(slot, on_event);
+        }
     }
 
     fn read_conn(&mut self, slot: u32, on_event: &mut dyn FnMut(ServerEvent)) {
         let id = self.id_of(slot);
         loop {
-            let Some(c) = self.slots[slot as usize].conn.as_mut() else {
+            let Some(Conn {
+                link: Link::Tcp(c),
+                peer,
+                ..
+            }) = self.slots[slot as usize].conn.as_mut()
+            else {
                 return;
             };
+            let peer = *peer;
             let n = match c.stream.read(&mut self.read_buf) {
                 Ok(0) => {
                     self.close(slot, "closed by peer");
@@ -571,8 +808,39 @@ impl ControlServer {
                     return;
                 }
             };
-            let peer = c.peer;
-            let result = c.decoder.feed(&self.read_buf[..n], |m| {
+            let mut start = 0;
+            if let Some((handshake, _)) = c.handshake.as_mut() {
+                let (respond, done) = match handshake.feed(&self.read_buf[..n]) {
+                    Ok(ServerStep::NeedMore { respond }) => (respond, None),
+                    Ok(ServerStep::Done { respond, consumed }) => (respond, Some(consumed)),
+                    Err(e) => {
+                        warn!(%peer, reason = %e, "tcpcopy refused: authentication failed");
+                        self.close(slot, &e.to_string());
+                        return;
+                    }
+                };
+                if let Some(r) = respond {
+                    c.out.push(&r);
+                    if let Err(e) = c.out.write_to(&mut c.stream) {
+                        self.close(slot, &e.to_string());
+                        return;
+                    }
+                }
+                let Some(consumed) = done else {
+                    continue;
+                };
+                c.handshake = None;
+                start = consumed;
+                self.stats.auth_ok += 1;
+                self.announce(slot, on_event);
+            }
+            let Some(Conn {
+                link: Link::Tcp(c), ..
+            }) = self.slots[slot as usize].conn.as_mut()
+            else {
+                return;
+            };
+            let result = c.decoder.feed(&self.read_buf[start..n], |m| {
                 on_event(ServerEvent::Message(id, m))
             });
             match result {
@@ -600,8 +868,11 @@ impl ControlServer {
         }
     }
 
-    fn write_conn(&mut self, slot: u32, _on_event: &mut dyn FnMut(ServerEvent)) {
-        let Some(c) = self.slots[slot as usize].conn.as_mut() else {
+    fn write_conn(&mut self, slot: u32) {
+        let Some(Conn {
+            link: Link::Tcp(c), ..
+        }) = self.slots[slot as usize].conn.as_mut()
+        else {
             return;
         };
         if c.out.pending() == 0 {
@@ -615,42 +886,411 @@ impl ControlServer {
 
     /// Moves `slot`'s open batch to its output and writes what the socket takes.
     fn flush_batch(&mut self, slot: u32) {
-        let Some(c) = self.slots[slot as usize].conn.as_mut() else {
+        let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
             return;
         };
-        if c.batch.is_empty() {
-            return;
-        }
-        // Room was checked when each record was added.
-        let pushed = c.out.push(c.batch.bytes());
-        let records = c.batch.count();
-        c.batch.clear();
-        if !pushed {
-            self.stats.records_dropped += records as u64;
-            self.stats.records_queued = self.stats.records_queued.saturating_sub(records as u64);
-            return;
-        }
-        self.stats.batches += 1;
-        match c.out.write_to(&mut c.stream) {
-            Ok(n) => self.stats.bytes_sent += n as u64,
-            Err(e) => self.close(slot, &e.to_string()),
+        let peer = conn.peer;
+        match &mut conn.link {
+            Link::Tcp(c) => {
+                if c.batch.is_empty() {
+                    return;
+                }
+                // Room was checked when each record was added.
+                let pushed = c.out.push(c.batch.bytes());
+                let records = c.batch.count();
+                c.batch.clear();
+                if !pushed {
+                    self.stats.records_dropped += records as u64;
+                    self.stats.records_queued =
+                        self.stats.records_queued.saturating_sub(records as u64);
+                    return;
+                }
+                self.stats.batches += 1;
+                match c.out.write_to(&mut c.stream) {
+                    Ok(n) => self.stats.bytes_sent += n as u64,
+                    Err(e) => self.close(slot, &e.to_string()),
+                }
+            }
+            Link::Udp(p) => {
+                if p.batch.is_empty() {
+                    return;
+                }
+                let records = p.batch.count();
+                let Some(session) = p.current.as_mut() else {
+                    p.batch.clear();
+                    self.stats.records_no_connection += records as u64;
+                    return;
+                };
+                session.send_seq += 1;
+                let bytes = p
+                    .batch
+                    .finish(
+                        p.session_id,
+                        session.epoch,
+                        session.send_seq,
+                        0,
+                        session.down_key.as_ref(),
+                    )
+                    .to_vec();
+                p.batch.clear();
+                self.stats.batches += 1;
+                if !self.udp_send(peer, bytes) {
+                    self.stats.records_dropped += records as u64;
+                }
+            }
         }
     }
 
     fn close(&mut self, slot: u32, reason: &str) {
         let id = self.id_of(slot);
         let entry = &mut self.slots[slot as usize];
-        let Some(mut c) = entry.conn.take() else {
+        let Some(c) = entry.conn.take() else {
             return;
         };
         entry.generation = entry.generation.wrapping_add(1);
-        let _ = self.poll.registry().deregister(&mut c.stream);
-        let unsent = c.out.pending() + c.batch.bytes().len();
-        warn!(peer = %c.peer, conn = %id, reason, unsent_bytes = unsent, "tcpcopy connection lost");
+        let unsent = match c.link {
+            Link::Tcp(mut t) => {
+                let _ = self.poll.registry().deregister(&mut t.stream);
+                if t.handshake.is_some() {
+                    // Gone before proving the secret: refused (wrong secret, no handshake,
+                    // too slow, or it hung up on our proof).
+                    self.stats.auth_refused += 1;
+                }
+                t.out.pending() + t.batch.bytes().len()
+            }
+            Link::Udp(p) => {
+                self.peers.remove(&p.session_id);
+                for s in p.current.iter().chain(p.pending.iter()) {
+                    self.past_lost += s.window.lost;
+                    self.past_reordered += s.window.reordered;
+                    self.past_replayed += s.window.rejected;
+                }
+                p.batch.count() * self.config.format.record_len()
+            }
+        };
         self.free.push(slot);
-        self.stats.disconnects += 1;
-        self.stats.connections_up -= 1;
-        self.lost.push(id);
+        if c.announced {
+            warn!(peer = %c.peer, conn = %id, reason, unsent_bytes = unsent, "tcpcopy connection lost");
+            self.stats.disconnects += 1;
+            self.stats.connections_up -= 1;
+            self.lost.push(id);
+        } else {
+            debug!(peer = %c.peer, conn = %id, reason, "unconfirmed tcpcopy connection closed");
+        }
+    }
+
+    /// Refuses TCP handshakes past their deadline and forgets silent UDP peers.
+    fn expire(&mut self, now: Instant) {
+        let timeout = self.config.udp_peer_timeout;
+        for slot in 0..self.slots.len() {
+            let Some(c) = self.slots[slot].conn.as_ref() else {
+                continue;
+            };
+            match &c.link {
+                Link::Tcp(t) => {
+                    if t.handshake.as_ref().is_some_and(|(_, d)| now >= *d) {
+                        warn!(peer = %c.peer, "tcpcopy refused: no authentication in time");
+                        self.close(slot as u32, "authentication timed out");
+                    }
+                }
+                Link::Udp(p) => {
+                    if now.saturating_duration_since(p.last_heard) >= timeout {
+                        self.close(slot as u32, "silent (UDP)");
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- UDP ----
+
+    /// Sends (or queues) a datagram; `false` if dropped (counted).
+    fn udp_send(&mut self, to: SocketAddr, bytes: Vec<u8>) -> bool {
+        let Endpoint::Udp(socket) = &self.endpoint else {
+            return false;
+        };
+        if self.send_queue.is_empty() {
+            match socket.send_to(&bytes, to) {
+                Ok(n) => {
+                    self.stats.datagrams_sent += 1;
+                    self.stats.bytes_sent += n as u64;
+                    return true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    self.stats.datagrams_send_dropped += 1;
+                    debug!(%to, error = %e, "UDP send failed");
+                    return false;
+                }
+            }
+        }
+        if self.queued_bytes + bytes.len() > self.config.max_buffer_bytes.max(MAX_DATAGRAM) {
+            self.stats.datagrams_send_dropped += 1;
+            return false;
+        }
+        self.queued_bytes += bytes.len();
+        self.send_queue.push_back((to, bytes));
+        true
+    }
+
+    fn drain_queue(&mut self) {
+        let Endpoint::Udp(socket) = &self.endpoint else {
+            return;
+        };
+        while let Some((to, bytes)) = self.send_queue.front() {
+            match socket.send_to(bytes, *to) {
+                Ok(n) => {
+                    self.stats.datagrams_sent += 1;
+                    self.stats.bytes_sent += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => self.stats.datagrams_send_dropped += 1,
+            }
+            self.queued_bytes -= bytes.len();
+            self.send_queue.pop_front();
+        }
+    }
+
+    fn udp_read(&mut self, on_event: &mut dyn FnMut(ServerEvent)) {
+        // The buffer leaves `self` while datagrams are handled (they borrow it).
+        let mut buf = std::mem::take(&mut self.read_buf);
+        while let Endpoint::Udp(socket) = &self.endpoint {
+            let (n, from) = match socket.recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!(error = %e, "UDP receive error");
+                    continue;
+                }
+            };
+            if let Err(reason) = self.udp_datagram(&buf[..n], from, on_event) {
+                self.stats.datagrams_rejected += 1;
+                if reason == AUTH_MISMATCH || reason == AUTH_BAD_HELLO {
+                    // A tcpcopy without the secret (or without authentication) knocking.
+                    self.stats.auth_refused += 1;
+                }
+                debug!(%from, reason, "control datagram rejected");
+            }
+        }
+        self.read_buf = buf;
+    }
+
+    /// Sends a HELLO_ACK for `slot`'s session `pending` (else current) to `to`.
+    fn send_hello_ack(&mut self, slot: u32, pending: bool, to: SocketAddr) {
+        let Some(Conn {
+            link: Link::Udp(p), ..
+        }) = self.slots[slot as usize].conn.as_mut()
+        else {
+            return;
+        };
+        let session_id = p.session_id;
+        let s = if pending {
+            p.pending.as_mut()
+        } else {
+            p.current.as_mut()
+        };
+        let Some(s) = s else {
+            return;
+        };
+        s.send_seq += 1;
+        let mut body = [0u8; 2 * NONCE_LEN];
+        body[..NONCE_LEN].copy_from_slice(&s.ni);
+        body[NONCE_LEN..].copy_from_slice(&s.nc);
+        let mut out = std::mem::take(&mut self.scratch);
+        encode_single(
+            DatagramKind::HelloAck,
+            (session_id, s.epoch, s.send_seq, 0),
+            &body,
+            s.down_key.as_ref(),
+            &mut out,
+        );
+        let bytes = out.clone();
+        self.scratch = out;
+        self.udp_send(to, bytes);
+    }
+
+    fn new_session(&self, session_id: u64, nc: [u8; NONCE_LEN]) -> Option<PeerSession> {
+        let ni = random_nonce().ok()?;
+        let (up_key, down_key) = match &self.config.auth {
+            Some(secret) => {
+                let (u, d) = secret.udp_session_keys(session_id, &nc, &ni);
+                (Some(u), Some(d))
+            }
+            None => (None, None),
+        };
+        Some(PeerSession {
+            nc,
+            ni,
+            epoch: epoch_of(&ni),
+            up_key,
+            down_key,
+            window: SeqWindow::new(),
+            send_seq: 0,
+        })
+    }
+
+    /// Handles the datagram `bytes` from `from`.
+    fn udp_datagram(
+        &mut self,
+        bytes: &[u8],
+        from: SocketAddr,
+        on_event: &mut dyn FnMut(ServerEvent),
+    ) -> Result<(), &'static str> {
+        let authenticated = self.config.auth.is_some();
+        let d = Datagram::parse(bytes, authenticated, self.config.format).map_err(|e| match e {
+            UdpError::MacPresence { .. } => AUTH_MISMATCH,
+            _ => "malformed",
+        })?;
+        let header = d.header;
+        let now = self.clock.max(Instant::now());
+        match header.kind {
+            DatagramKind::Hello if !header.is_keyed() => {
+                if let Some(k) = &self.hello_key {
+                    if !d.verify(k) {
+                        return Err(AUTH_BAD_HELLO);
+                    }
+                }
+                let (nc, _) = d.nonces();
+                let slot = match self.peers.get(&header.session) {
+                    Some(&slot) => slot,
+                    None => {
+                        if self.connection_count() >= self.config.max_connections {
+                            self.stats.connections_refused += 1;
+                            return Err("too many peers");
+                        }
+                        let slot = self.alloc_slot();
+                        self.slots[slot as usize].conn = Some(Conn {
+                            peer: from,
+                            batch_started: self.clock,
+                            announced: false,
+                            link: Link::Udp(Box::new(UdpPeer {
+                                session_id: header.session,
+                                current: None,
+                                pending: None,
+                                batch: DatagramBuilder::new(
+                                    DatagramKind::Records,
+                                    self.config.format,
+                                ),
+                                last_heard: now,
+                            })),
+                        });
+                        self.peers.insert(header.session, slot);
+                        slot
+                    }
+                };
+                let fresh = {
+                    let Some(Conn {
+                        link: Link::Udp(p), ..
+                    }) = self.slots[slot as usize].conn.as_ref()
+                    else {
+                        return Err("not a UDP peer");
+                    };
+                    if p.current.as_ref().is_some_and(|s| s.nc == nc) {
+                        Some(false)
+                    } else if p.pending.as_ref().is_some_and(|s| s.nc == nc) {
+                        Some(true)
+                    } else {
+                        None
+                    }
+                };
+                self.stats.hellos += 1;
+                self.stats.datagrams_received += 1;
+                match fresh {
+                    Some(pending) => self.send_hello_ack(slot, pending, from),
+                    None => {
+                        let session = self
+                            .new_session(header.session, nc)
+                            .ok_or("no randomness")?;
+                        if let Some(Conn {
+                            link: Link::Udp(p), ..
+                        }) = self.slots[slot as usize].conn.as_mut()
+                        {
+                            if let Some(old) = p.pending.replace(session) {
+                                self.past_lost += old.window.lost;
+                                self.past_reordered += old.window.reordered;
+                                self.past_replayed += old.window.rejected;
+                            }
+                        }
+                        self.send_hello_ack(slot, true, from);
+                    }
+                }
+                Ok(())
+            }
+            DatagramKind::Hello | DatagramKind::Messages => {
+                let &slot = self.peers.get(&header.session).ok_or("unknown session")?;
+                let Some(Conn {
+                    link: Link::Udp(p),
+                    peer,
+                    ..
+                }) = self.slots[slot as usize].conn.as_mut()
+                else {
+                    return Err("not a UDP peer");
+                };
+                let pending = if p.current.as_ref().is_some_and(|s| s.epoch == header.epoch) {
+                    false
+                } else if p.pending.as_ref().is_some_and(|s| s.epoch == header.epoch) {
+                    true
+                } else {
+                    return Err("unknown epoch");
+                };
+                let s = if pending {
+                    p.pending.as_mut()
+                } else {
+                    p.current.as_mut()
+                }
+                .ok_or("no session")?;
+                if let Some(k) = &s.up_key {
+                    if !d.verify(k) {
+                        return Err("bad MAC");
+                    }
+                }
+                if !s.window.accept(header.seq).accepted() {
+                    return Ok(()); // a duplicate or a replay, counted by the window
+                }
+                if pending {
+                    // The tcpcopy took up the new session: it replaces the old one.
+                    let new = p.pending.take();
+                    if let Some(old) = std::mem::replace(&mut p.current, new) {
+                        self.past_lost += old.window.lost;
+                        self.past_reordered += old.window.reordered;
+                        self.past_replayed += old.window.rejected;
+                    }
+                }
+                p.last_heard = now;
+                *peer = from;
+                self.stats.datagrams_received += 1;
+                if header.kind == DatagramKind::Hello {
+                    self.stats.hellos += 1;
+                }
+                let is_hello = header.kind == DatagramKind::Hello;
+                let first = !self.slots[slot as usize]
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| c.announced);
+                if first {
+                    if self.config.auth.is_some() {
+                        self.stats.auth_ok += 1;
+                    }
+                    self.announce(slot, on_event);
+                }
+                if is_hello {
+                    self.send_hello_ack(slot, false, from);
+                } else {
+                    let id = self.id_of(slot);
+                    let mut count = 0u64;
+                    for item in d.items() {
+                        let mut m = [0u8; CLIENT_MESSAGE_LEN];
+                        m.copy_from_slice(item);
+                        on_event(ServerEvent::Message(id, ClientMessage::decode(&m)));
+                        count += 1;
+                    }
+                    self.stats.messages_received += count;
+                }
+                Ok(())
+            }
+            DatagramKind::HelloAck | DatagramKind::Records => Err("wrong direction"),
+        }
     }
 }
 
@@ -730,5 +1370,16 @@ mod tests {
         assert_ne!(ids[0], ids[1]);
         assert_eq!(server.stats().records_no_connection, 2);
         assert_eq!(server.stats().hellos, 2);
+    }
+
+    #[test]
+    fn udp_server_binds_and_reports_its_port() {
+        let mut config = ServerConfig::new(local(), RecordFormat::Header64, Framing::Combined);
+        config.transport = Transport::Udp;
+        let server = ControlServer::with_config(config.clone()).unwrap();
+        assert_ne!(server.local_addr().port(), 0);
+        config.addr = server.local_addr();
+        let err = ControlServer::with_config(config).unwrap_err();
+        assert!(err.to_string().contains(&server.local_addr().to_string()));
     }
 }

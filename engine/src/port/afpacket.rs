@@ -197,10 +197,10 @@ impl Default for AfPacketConfig {
         AfPacketConfig {
             interface: String::new(),
             filter: None,
-            // Blocks retire on a 1 ms timeout, so at high packet rates many blocks hold little:
-            // 256 blocks of 256 KiB (64 MiB) ride out ~250 ms of a stalled reader.
-            block_size: 1 << 18,
-            block_count: 256,
+            // Blocks retire on a 1 ms timeout, so at moderate rates each block holds little:
+            // 1024 blocks of 64 KiB (64 MiB) ride out about a second of a stalled reader.
+            block_size: 1 << 16,
+            block_count: 1024,
             frame_timeout_ms: 1,
             ignore_outgoing: true,
             fanout: None,

@@ -5,12 +5,16 @@
 //!   kernel BPF filter compiled from a pcap filter expression.
 //! - [`rawsock`]: IP-layer transmit on a raw socket with `IP_HDRINCL`, batched with `sendmmsg`.
 //! - [`memory`]: in-memory ports for tests and benchmarks.
+//! - [`filter`]: a pcap filter run in user space, for ports without a kernel filter (DPDK).
 //!
 //! Receive is zero-copy: `rx_burst` lends each frame to a closure for the duration of the call;
 //! whoever keeps a packet copies it. Transmit takes a [`TxBatch`] of IPv4 packets whose buffers
 //! are allocated once and reused.
 
 pub mod afpacket;
+#[cfg(feature = "dpdk")]
+pub mod dpdk;
+pub mod filter;
 pub mod memory;
 pub mod rawsock;
 

@@ -23,15 +23,24 @@
 //!   target stays silent for [`SessionConfig::timeout`] are reset and removed.
 //! - A SYN that reuses the 4-tuple of a session still open resets the old one at the target
 //!   before the new SYN goes out, so port reuse by busy clients never loses the new session.
+//!
+//! Memory: a [`Session`] is a compact fixed-size entry (times are `u32` millisecond ticks,
+//! flags are bits, the queue is three slot indices into the table's segment pool); see
+//! [`SessionTable`] for the table's layout and [`SessionTable::memory`] for the figures.
 
+mod index;
+mod lists;
+mod pool;
+mod prefetch;
 mod table;
+mod wheel;
 
-pub use table::SessionTable;
+pub use table::{ClientPacket, SessionTable, TableMemory};
 
 use crate::flow::FlowKey;
 use crate::wire::tcp::TcpRepr;
 use crate::wire::{Ipv4Packet, SeqNum, TcpFlags, TcpPacket};
-use std::collections::VecDeque;
+use pool::{SegmentPool, Stored, NIL};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -43,6 +52,12 @@ pub trait Output {
     fn register(&mut self, key: FlowKey);
     /// Tell the intercepts that `key` is finished (CLIENT_DEL).
     fn unregister(&mut self, key: FlowKey);
+    /// The reply latency of one request: from the moment its first data segment was sent to
+    /// the target until the first byte of the target's answer arrived (microsecond
+    /// resolution). Called once per request/answer turn; ignored by default.
+    fn reply_latency(&mut self, latency: Duration) {
+        let _ = latency;
+    }
 }
 
 /// Request pacing.
@@ -55,6 +70,9 @@ pub enum Pacing {
 }
 
 /// Tunables of the replay engine.
+///
+/// Times are kept at millisecond resolution (a timer may fire up to 1 ms early relative to a
+/// sub-millisecond `now`) and are capped at 2^30 ms (12 days).
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// Request pacing.
@@ -66,7 +84,7 @@ pub struct SessionConfig {
     pub rto_initial: Duration,
     /// Largest retransmission timeout (back-off doubles up to this).
     pub rto_max: Duration,
-    /// Retransmissions of one segment before the session is given up.
+    /// Retransmissions of one segment before the session is given up (at most 255).
     pub max_retries: u32,
     /// `-t`: a session whose target sent nothing for this long is reset and removed when it
     /// still has something to send or has not sent data yet.
@@ -75,12 +93,21 @@ pub struct SessionConfig {
     pub keepalive: Duration,
     /// How long a closed session lingers to absorb late duplicates before it is removed.
     pub linger: Duration,
-    /// Most client segments one session may queue (sent-unacknowledged plus held).
+    /// Most client segments one session may queue (sent-unacknowledged plus held; at most
+    /// 65535).
     pub max_queued_segments: usize,
-    /// Most payload bytes one session may queue.
+    /// Most packet bytes one session may queue.
     pub max_queued_bytes: usize,
-    /// Most sessions in one table; new SYNs beyond it are dropped and counted.
+    /// Most sessions in one table (below 2^31). When it is full, a new SYN evicts the oldest
+    /// idle session (closed ones first; counted in [`SessionStats::evicted`]) or, when every
+    /// session is busy, is dropped ([`SessionStats::table_full`]).
     pub max_sessions: usize,
+    /// 2 KiB slots of the table's segment pool (MTU-sized packets; packets beyond 2 KiB take a
+    /// chain of them). Allocated once, when the table is made; pages stay untouched until used.
+    pub pool_segments: usize,
+    /// 256-byte slots of the segment pool, for packets up to 224 bytes (handshake and control
+    /// segments, short requests); when they run out such packets take 2 KiB slots.
+    pub pool_small_segments: usize,
 }
 
 impl Default for SessionConfig {
@@ -97,6 +124,8 @@ impl Default for SessionConfig {
             max_queued_segments: 8192,
             max_queued_bytes: 32 << 20,
             max_sessions: 1 << 20,
+            pool_segments: 1 << 16,
+            pool_small_segments: 1 << 18,
         }
     }
 }
@@ -124,8 +153,11 @@ pub struct SessionStats {
     pub port_reuse_resets: u64,
     /// Closed sessions replaced by a new SYN on the same 4-tuple.
     pub port_reuse_replaced: u64,
-    /// New SYNs dropped because the table was full.
+    /// New SYNs dropped because the table was full of busy sessions.
     pub table_full: u64,
+    /// Sessions evicted (the oldest idle one, reset at the target when still open) to make
+    /// room for a new SYN in a full table.
+    pub evicted: u64,
     /// Client segments with no session (captured mid-stream; replayed in a later version).
     pub client_no_session: u64,
     /// Client SYN retransmissions absorbed.
@@ -139,6 +171,10 @@ pub struct SessionStats {
     pub client_hole_fills: u64,
     /// Client segments dropped because the session's queue was full.
     pub queue_full: u64,
+    /// Client segments (or SYNs) dropped because the table's segment pool was exhausted.
+    pub pool_exhausted: u64,
+    /// Client segments longer than a 2 KiB pool slot (GRO), stored as a chain of slots.
+    pub chained_segments: u64,
     /// Client segments sent to the target.
     pub sent_segments: u64,
     /// Client segments with payload sent to the target.
@@ -161,8 +197,86 @@ pub struct SessionStats {
     pub response_data: u64,
     /// Replies that matched no session.
     pub response_no_session: u64,
+    /// Handshakes that met an older connection still open at the target on the same 4-tuple
+    /// (its challenge ACK instead of a SYN-ACK): that one was reset and the SYN sent again.
+    pub stale_target_resets: u64,
     /// SYN-ACKs whose acknowledgement did not match our SYN (answered with RST).
     pub bad_synack: u64,
+}
+
+impl SessionStats {
+    /// Adds `other`'s counts to these (to sum over workers). The destructuring makes a new
+    /// counter a compile error here until it is summed too.
+    pub fn add(&mut self, other: &SessionStats) {
+        let SessionStats {
+            created,
+            removed,
+            established,
+            closed,
+            client_resets,
+            target_resets,
+            timed_out,
+            gave_up,
+            port_reuse_resets,
+            port_reuse_replaced,
+            table_full,
+            evicted,
+            client_no_session,
+            client_syn_retransmits,
+            client_retransmits,
+            client_acks_absorbed,
+            client_hole_fills,
+            queue_full,
+            pool_exhausted,
+            chained_segments,
+            sent_segments,
+            sent_data,
+            sent_syn,
+            sent_fin,
+            sent_rst,
+            sent_acks,
+            retransmits,
+            pace_releases,
+            responses,
+            response_data,
+            response_no_session,
+            stale_target_resets,
+            bad_synack,
+        } = *other;
+        self.created += created;
+        self.removed += removed;
+        self.established += established;
+        self.closed += closed;
+        self.client_resets += client_resets;
+        self.target_resets += target_resets;
+        self.timed_out += timed_out;
+        self.gave_up += gave_up;
+        self.port_reuse_resets += port_reuse_resets;
+        self.port_reuse_replaced += port_reuse_replaced;
+        self.table_full += table_full;
+        self.evicted += evicted;
+        self.client_no_session += client_no_session;
+        self.client_syn_retransmits += client_syn_retransmits;
+        self.client_retransmits += client_retransmits;
+        self.client_acks_absorbed += client_acks_absorbed;
+        self.client_hole_fills += client_hole_fills;
+        self.queue_full += queue_full;
+        self.pool_exhausted += pool_exhausted;
+        self.chained_segments += chained_segments;
+        self.sent_segments += sent_segments;
+        self.sent_data += sent_data;
+        self.sent_syn += sent_syn;
+        self.sent_fin += sent_fin;
+        self.sent_rst += sent_rst;
+        self.sent_acks += sent_acks;
+        self.retransmits += retransmits;
+        self.pace_releases += pace_releases;
+        self.responses += responses;
+        self.response_data += response_data;
+        self.response_no_session += response_no_session;
+        self.stale_target_resets += stale_target_resets;
+        self.bad_synack += bad_synack;
+    }
 }
 
 /// A captured client segment, parsed, as the session engine needs it.
@@ -228,42 +342,181 @@ pub struct Response {
     pub window_scale: Option<u8>,
 }
 
+/// Milliseconds since the clock's epoch, wrapping at 2^32 and compared like sequence numbers
+/// (right for spans below 2^31 ms, 24 days; configured times are capped at 2^30 ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Tick(u32);
+
+impl Tick {
+    fn from_duration(now: Duration) -> Tick {
+        Tick(now.as_millis() as u32)
+    }
+
+    fn add(self, ms: u32) -> Tick {
+        Tick(self.0.wrapping_add(ms))
+    }
+
+    /// True when `self` is at or after `other`.
+    fn reached(self, other: Tick) -> bool {
+        self.0.wrapping_sub(other.0) as i32 >= 0
+    }
+
+    fn later(self, other: Tick) -> Tick {
+        if self.reached(other) {
+            self
+        } else {
+            other
+        }
+    }
+
+    fn earlier(self, other: Tick) -> Tick {
+        if self.reached(other) {
+            other
+        } else {
+            self
+        }
+    }
+
+    /// Milliseconds from `earlier` to `self` (0 when `earlier` is later).
+    fn since(self, earlier: Tick) -> u32 {
+        (self.0.wrapping_sub(earlier.0) as i32).max(0) as u32
+    }
+}
+
+/// SYNs sent again at once after resetting a stale connection at the target.
+const STALE_RESENDS: u8 = 3;
+
+/// Longest configured time, in ms.
+const MAX_SPAN_MS: u128 = 1 << 30;
+
+fn millis(d: Duration) -> u32 {
+    d.as_millis().min(MAX_SPAN_MS) as u32
+}
+
+/// The configuration in the units the sessions use.
+#[derive(Debug, Clone)]
+struct Limits {
+    pacing: Pacing,
+    pace_idle: u32,
+    rto_initial: u32,
+    rto_max: u32,
+    max_retries: u8,
+    timeout: u32,
+    keepalive: u32,
+    linger: u32,
+    max_queued_segments: u16,
+    max_queued_bytes: u32,
+}
+
+impl Limits {
+    fn new(config: &SessionConfig) -> Limits {
+        Limits {
+            pacing: config.pacing,
+            pace_idle: millis(config.pace_idle),
+            rto_initial: millis(config.rto_initial),
+            rto_max: millis(config.rto_max),
+            max_retries: config.max_retries.min(255) as u8,
+            timeout: millis(config.timeout),
+            keepalive: millis(config.keepalive),
+            linger: millis(config.linger),
+            max_queued_segments: config.max_queued_segments.min(u16::MAX as usize) as u16,
+            max_queued_bytes: config.max_queued_bytes.min(u32::MAX as usize) as u32,
+        }
+    }
+
+    /// The retransmission timeout after `retries` back-offs.
+    fn rto(&self, retries: u8) -> u32 {
+        if retries == 0 {
+            return self.rto_initial;
+        }
+        let rto = u64::from(self.rto_initial) << u32::from(retries).min(32);
+        rto.min(u64::from(self.rto_max.max(self.rto_initial))) as u32
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 enum State {
     /// SYN sent, waiting for the target's SYN-ACK.
     SynSent,
     /// Handshake done.
     Established,
-    /// Over (both FINs, an RST, a timeout): lingering until `linger_until`.
+    /// Over (both FINs, an RST, a timeout): lingering until its alarm.
     Closed,
 }
 
-/// One queued client segment: the packet as it will be sent (addresses already rewritten).
-#[derive(Debug)]
-struct Segment {
-    seq: SeqNum,
-    seq_len: u32,
-    flags: TcpFlags,
-    online_ack: SeqNum,
-    packet: Vec<u8>,
+// Session flag bits.
+/// The client's SYN offered window scaling.
+const SYN_WINDOW_SCALE: u16 = 1 << 0;
+/// The client's SYN carried timestamps.
+const SYN_TIMESTAMPS: u16 = 1 << 1;
+/// `online_base` is known.
+const ONLINE_BASE: u16 = 1 << 2;
+/// Timestamps were negotiated with the target.
+const TIMESTAMPS_ON: u16 = 1 << 3;
+const CLIENT_FIN_SENT: u16 = 1 << 4;
+const TARGET_FIN: u16 = 1 << 5;
+/// Client data has been sent to the target.
+const SENT_DATA: u16 = 1 << 6;
+/// Retransmitting holes: each partial ACK retransmits the next unacknowledged segment.
+const RECOVERING: u16 = 1 << 7;
+/// The alarm is a retransmission deadline.
+const RTO_ARMED: u16 = 1 << 8;
+/// Request data was sent and no answer byte has arrived since (reply latency running).
+const AWAITING_REPLY: u16 = 1 << 9;
+/// `peer_window` is the SYN-ACK's, which is never scaled (RFC 7323 §2.2).
+const WINDOW_UNSCALED: u16 = 1 << 10;
+
+/// Where the table has filed a session (bits 12..15 of the flags; the table's business).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// Nowhere (being handled, or free).
+    None,
+    /// In the timer wheel (a busy session: something queued or the handshake pending).
+    Wheel,
+    /// In the FIFO of idle sessions that exchanged data (expire after `keepalive`).
+    IdleKept,
+    /// In the FIFO of idle sessions that sent no data yet (expire after `timeout`).
+    IdleFresh,
+    /// In the FIFO of closed sessions (removed after `linger`).
+    Closed,
+    /// A free entry of the table.
+    Free,
 }
 
-impl Segment {
-    fn end(&self) -> SeqNum {
-        self.seq.add(self.seq_len)
-    }
+const PLACE_SHIFT: u16 = 12;
+const PLACE_MASK: u16 = 0x7 << PLACE_SHIFT;
+
+/// A session's queue of client segments in sequence order: a singly linked list of pool slots.
+/// `sent` segments from the head are sent and not yet acknowledged; `unsent` is the first one
+/// after them.
+#[derive(Debug, Clone, Copy)]
+struct SegQueue {
+    head: u32,
+    tail: u32,
+    unsent: u32,
+    len: u16,
+    sent: u16,
 }
 
-/// One replayed connection.
+impl SegQueue {
+    const EMPTY: SegQueue = SegQueue {
+        head: NIL,
+        tail: NIL,
+        unsent: NIL,
+        len: 0,
+        sent: 0,
+    };
+}
+
+/// One replayed connection: a compact fixed-size entry of its table (104 bytes).
 #[derive(Debug)]
 pub struct Session {
     key: FlowKey,
-    state: State,
     client_isn: SeqNum,
-    syn_window_scale: Option<u8>,
-    syn_timestamps: bool,
-    /// The online server's first sequence byte (its ISN + 1), from the client's first ACK.
-    online_base: Option<SeqNum>,
+    /// The online server's first sequence byte (its ISN + 1), from the client's first ACK
+    /// (valid with [`ONLINE_BASE`]).
+    online_base: SeqNum,
     /// The target's first sequence byte (its ISN + 1), from its SYN-ACK.
     target_base: SeqNum,
     /// Response bytes written off by the silence rule (target answered shorter than online).
@@ -274,42 +527,31 @@ pub struct Session {
     snd_una: SeqNum,
     /// Next client byte after the last one sent.
     snd_nxt: SeqNum,
-    /// Queued segments in sequence order: `queue[..sent]` are sent and not yet acknowledged.
-    queue: VecDeque<Segment>,
-    sent: usize,
-    queued_bytes: usize,
     /// End of the highest queued client sequence (to recognise client retransmissions).
     queued_end: SeqNum,
-    /// Target window in bytes (scaled).
-    peer_window: u32,
-    peer_window_scale: u8,
-    timestamps_on: bool,
     ts_recent: u32,
     ts_val: u32,
+    queued_bytes: u32,
+    last_response_at: Tick,
+    last_send_at: Tick,
+    /// The retransmission deadline (with [`RTO_ARMED`]) or, once closed, the end of the linger.
+    alarm: Tick,
+    /// When the request being answered was sent (µs, wrapping; with [`AWAITING_REPLY`]).
+    request_sent_us: u32,
+    /// The deadline the table's timer wheel holds for this session (with [`Place::Wheel`]).
+    scheduled: Tick,
+    queue: SegQueue,
     client_window: u16,
     ip_ident: u16,
-    client_fin_sent: bool,
-    target_fin: bool,
-    sent_data: bool,
-    created_at: Duration,
-    last_response_at: Duration,
-    last_send_at: Duration,
-    rto: Duration,
-    rto_deadline: Option<Duration>,
-    retries: u32,
-    /// Duplicate ACKs in a row (fast retransmit at 3).
-    dupacks: u32,
-    /// Retransmitting holes: each partial ACK retransmits the next unacknowledged segment.
-    recovering: bool,
-    linger_until: Duration,
-    /// Deadline this session is filed under in the table's timer heap.
-    scheduled: Option<Duration>,
-}
-
-/// Scratch space for fabricated packets, reused across calls.
-#[derive(Debug, Default)]
-pub struct Scratch {
-    buf: Vec<u8>,
+    /// Target window as advertised (unscaled).
+    peer_window: u16,
+    flags: u16,
+    state: State,
+    peer_window_scale: u8,
+    retries: u8,
+    /// Duplicate ACKs in a row (fast retransmit at 3; saturates); during the handshake, SYNs
+    /// sent again after resetting a stale connection at the target.
+    dupacks: u8,
 }
 
 /// What the table should do with a session after an event.
@@ -319,44 +561,106 @@ enum Verdict {
     Remove,
 }
 
+/// What a session event works with: the table's state that is not the session.
+struct Ctx<'a> {
+    limits: &'a Limits,
+    stats: &'a mut SessionStats,
+    pool: &'a mut SegmentPool,
+    /// Scratch space for fabricated and gathered packets, reused across calls.
+    scratch: &'a mut Vec<u8>,
+    out: &'a mut dyn Output,
+    now: Tick,
+    now_us: u32,
+}
+
 impl Session {
-    fn new(key: FlowKey, syn: &ClientSegment, now: Duration, config: &SessionConfig) -> Session {
+    fn new(key: FlowKey, syn: &ClientSegment, now: Tick) -> Session {
+        let mut flags = 0;
+        if syn.window_scale.is_some() {
+            flags |= SYN_WINDOW_SCALE;
+        }
+        if syn.timestamps.is_some() {
+            flags |= SYN_TIMESTAMPS;
+        }
         Session {
             key,
-            state: State::SynSent,
             client_isn: syn.seq,
-            syn_window_scale: syn.window_scale,
-            syn_timestamps: syn.timestamps.is_some(),
-            online_base: None,
+            online_base: SeqNum(0),
             target_base: SeqNum(0),
             pace_credit: 0,
             rcv_nxt: SeqNum(0),
             snd_una: syn.seq,
             snd_nxt: syn.seq,
-            queue: VecDeque::new(),
-            sent: 0,
-            queued_bytes: 0,
             queued_end: syn.seq,
-            peer_window: 0,
-            peer_window_scale: 0,
-            timestamps_on: false,
             ts_recent: 0,
             ts_val: syn.timestamps.map_or(0, |t| t.0),
-            client_window: syn.window,
-            ip_ident: 0,
-            client_fin_sent: false,
-            target_fin: false,
-            sent_data: false,
-            created_at: now,
+            queued_bytes: 0,
             last_response_at: now,
             last_send_at: now,
-            rto: config.rto_initial,
-            rto_deadline: None,
+            alarm: now,
+            request_sent_us: 0,
+            scheduled: now,
+            queue: SegQueue::EMPTY,
+            client_window: syn.window,
+            ip_ident: 0,
+            peer_window: 0,
+            flags,
+            state: State::SynSent,
+            peer_window_scale: 0,
             retries: 0,
             dupacks: 0,
-            recovering: false,
-            linger_until: now,
-            scheduled: None,
+        }
+    }
+
+    #[inline]
+    fn has(&self, flag: u16) -> bool {
+        self.flags & flag != 0
+    }
+
+    #[inline]
+    fn set(&mut self, flag: u16, on: bool) {
+        if on {
+            self.flags |= flag;
+        } else {
+            self.flags &= !flag;
+        }
+    }
+
+    fn place(&self) -> Place {
+        match (self.flags & PLACE_MASK) >> PLACE_SHIFT {
+            0 => Place::None,
+            1 => Place::Wheel,
+            2 => Place::IdleKept,
+            3 => Place::IdleFresh,
+            4 => Place::Closed,
+            _ => Place::Free,
+        }
+    }
+
+    fn set_place(&mut self, place: Place) {
+        let bits = match place {
+            Place::None => 0,
+            Place::Wheel => 1,
+            Place::IdleKept => 2,
+            Place::IdleFresh => 3,
+            Place::Closed => 4,
+            Place::Free => 5,
+        };
+        self.flags = (self.flags & !PLACE_MASK) | (bits << PLACE_SHIFT);
+    }
+
+    /// Where the session belongs: in the wheel while busy, else in one of the FIFOs.
+    fn wanted_place(&self) -> Place {
+        match self.state {
+            State::Closed => Place::Closed,
+            State::Established if self.queue.len == 0 => {
+                if self.has(SENT_DATA) {
+                    Place::IdleKept
+                } else {
+                    Place::IdleFresh
+                }
+            }
+            _ => Place::Wheel,
         }
     }
 
@@ -377,26 +681,68 @@ impl Session {
 
     /// Client segments queued (sent-unacknowledged plus held).
     pub fn queued(&self) -> usize {
-        self.queue.len()
+        usize::from(self.queue.len)
+    }
+
+    fn peer_window(&self) -> u32 {
+        if self.has(WINDOW_UNSCALED) {
+            u32::from(self.peer_window)
+        } else {
+            u32::from(self.peer_window) << self.peer_window_scale
+        }
+    }
+
+    /// Appends `id` (the last in sequence order) to the queue.
+    fn push_back(&mut self, id: u32, pool: &mut SegmentPool) {
+        if self.queue.tail == NIL {
+            self.queue.head = id;
+        } else {
+            pool.set_next(self.queue.tail, id);
+        }
+        self.queue.tail = id;
+        if self.queue.unsent == NIL && self.queue.sent == self.queue.len {
+            self.queue.unsent = id;
+        }
+        self.queue.len += 1;
+    }
+
+    /// Takes the head segment off the queue and frees it; the caller fixes `sent`.
+    fn pop_front(&mut self, pool: &mut SegmentPool) {
+        let id = self.queue.head;
+        debug_assert!(id != NIL);
+        let next = pool.next(id);
+        self.queued_bytes -= pool.len(id) as u32;
+        if self.queue.unsent == id {
+            self.queue.unsent = next;
+        }
+        self.queue.head = next;
+        if next == NIL {
+            self.queue.tail = NIL;
+        }
+        self.queue.len -= 1;
+        pool.free(id);
+    }
+
+    /// Returns every queued segment to the pool.
+    fn free_queue(&mut self, pool: &mut SegmentPool) {
+        let mut id = self.queue.head;
+        while id != NIL {
+            let next = pool.next(id);
+            pool.free(id);
+            id = next;
+        }
+        self.queue = SegQueue::EMPTY;
+        self.queued_bytes = 0;
     }
 
     /// Queues a captured client segment (SYN excluded) and sends what may be sent.
-    #[allow(clippy::too_many_arguments)]
-    fn on_client(
-        &mut self,
-        packet: &[u8],
-        seg: &ClientSegment,
-        now: Duration,
-        config: &SessionConfig,
-        stats: &mut SessionStats,
-        out: &mut dyn Output,
-        scratch: &mut Scratch,
-    ) -> Verdict {
+    fn on_client(&mut self, packet: &[u8], seg: &ClientSegment, cx: &mut Ctx<'_>) -> Verdict {
         if self.state == State::Closed {
             return Verdict::Keep;
         }
-        if seg.flags.contains(TcpFlags::ACK) && self.online_base.is_none() {
-            self.online_base = Some(seg.ack);
+        if seg.flags.contains(TcpFlags::ACK) && !self.has(ONLINE_BASE) {
+            self.online_base = seg.ack;
+            self.flags |= ONLINE_BASE;
         }
         self.client_window = seg.window;
         if let Some((tsval, _)) = seg.timestamps {
@@ -407,56 +753,105 @@ impl Session {
         let is_rst = seg.flags.contains(TcpFlags::RST);
         let seq_len = seg.seq_len();
         if seq_len == 0 && !is_rst {
-            stats.client_acks_absorbed += 1;
+            cx.stats.client_acks_absorbed += 1;
             return Verdict::Keep;
         }
         let end = seg.seq.add(seq_len);
-        if !is_rst && self.is_duplicate(seg.seq, end) {
-            stats.client_retransmits += 1;
+        if !is_rst && self.is_duplicate(seg.seq, end, cx.pool) {
+            cx.stats.client_retransmits += 1;
             return Verdict::Keep;
         }
-        if self.queue.len() >= config.max_queued_segments
-            || self.queued_bytes + packet.len() > config.max_queued_bytes
+        if self.queue.len >= cx.limits.max_queued_segments
+            || self.queued_bytes as usize + packet.len() > cx.limits.max_queued_bytes as usize
         {
-            stats.queue_full += 1;
+            cx.stats.queue_full += 1;
             return Verdict::Keep;
         }
-        let segment = Segment {
-            seq: seg.seq,
-            seq_len,
-            flags: seg.flags,
-            online_ack: seg.ack,
-            packet: packet.to_vec(),
+        let Some((id, stored)) = cx.pool.alloc(packet, seg.seq, seq_len, seg.flags, seg.ack) else {
+            cx.stats.pool_exhausted += 1;
+            return Verdict::Keep;
         };
+        if stored == Stored::Chained {
+            cx.stats.chained_segments += 1;
+        }
+        self.queued_bytes += cx.pool.len(id) as u32;
         // In sequence order: captures can reorder, and a segment lost before the capture point
         // comes back later as the client's retransmission, behind data we already sent.
-        let mut at = self.queue.len();
-        let floor = if is_rst { self.sent } else { 0 };
-        while at > floor && self.queue[at - 1].seq.after(seg.seq) {
-            at -= 1;
-        }
-        self.queued_bytes += segment.packet.len();
-        self.queue.insert(at, segment);
+        let floor = if is_rst { self.queue.sent } else { 0 };
+        // In order (the common case) when it starts at or after the end of all queued so
+        // far: decided without reading the tail's slot.
+        let tail = self.queue.tail;
+        let at = if tail == NIL
+            || !seg.seq.before(self.queued_end)
+            || self.queue.len == floor
+            || !cx.pool.seq(tail).after(seg.seq)
+        {
+            let at = self.queue.len;
+            self.push_back(id, cx.pool);
+            at
+        } else {
+            self.insert_sorted(id, seg.seq, floor, cx.pool)
+        };
         if end.after(self.queued_end) {
             self.queued_end = end;
         }
-        if at < self.sent {
+        if at < self.queue.sent {
             // It fills a hole in what the target has: send it now, whatever the pacing.
-            self.sent += 1;
-            stats.client_hole_fills += 1;
+            self.queue.sent += 1;
+            cx.stats.client_hole_fills += 1;
             if self.state == State::Established {
-                self.send_segment(at, false, out);
-                stats.sent_segments += 1;
-                stats.sent_data += 1;
-                self.last_send_at = now;
+                self.send_segment(id, false, cx);
+                cx.stats.sent_segments += 1;
+                cx.stats.sent_data += 1;
+                self.last_send_at = cx.now;
             }
         }
-        self.pump(now, config, stats, out, scratch)
+        self.pump(cx)
+    }
+
+    /// Inserts `id` after the last queued segment whose sequence is not after `seq`, but not
+    /// before position `floor`. Returns its position. The rare path (reordered captures).
+    fn insert_sorted(&mut self, id: u32, seq: SeqNum, floor: u16, pool: &mut SegmentPool) -> u16 {
+        // Position = max(floor, 1 + last index whose seq is not after `seq`).
+        let mut last_not_after: Option<(u16, u32)> = None;
+        let mut floor_prev = NIL;
+        let mut node = self.queue.head;
+        let mut i = 0u16;
+        while node != NIL {
+            if !pool.seq(node).after(seq) {
+                last_not_after = Some((i, node));
+            }
+            if i + 1 == floor {
+                floor_prev = node;
+            }
+            node = pool.next(node);
+            i += 1;
+        }
+        let (at, prev) = match last_not_after {
+            Some((j, n)) if j + 1 >= floor => (j + 1, n),
+            _ => (floor, floor_prev),
+        };
+        if prev == NIL {
+            pool.set_next(id, self.queue.head);
+            self.queue.head = id;
+        } else {
+            let next = pool.next(prev);
+            pool.set_next(id, next);
+            pool.set_next(prev, id);
+        }
+        if pool.next(id) == NIL {
+            self.queue.tail = id;
+        }
+        if at == self.queue.sent {
+            self.queue.unsent = id;
+        }
+        self.queue.len += 1;
+        at
     }
 
     /// True when `[seq, end)` was already acknowledged by the target or is queued already
     /// (a client retransmission of something we have).
-    fn is_duplicate(&self, seq: SeqNum, end: SeqNum) -> bool {
+    fn is_duplicate(&self, seq: SeqNum, end: SeqNum, pool: &SegmentPool) -> bool {
         if self.state != State::SynSent && !end.after(self.snd_una) {
             return true;
         }
@@ -464,104 +859,128 @@ impl Session {
             return false;
         }
         let len = end.diff(seq).max(0) as u32;
-        for queued in self.queue.iter().rev() {
-            if queued.seq == seq {
-                return queued.seq_len >= len;
+        // The last queued segment that does not start after `seq` decides.
+        let mut last = NIL;
+        let mut node = self.queue.head;
+        while node != NIL {
+            if !pool.seq(node).after(seq) {
+                last = node;
             }
-            if queued.seq.before(seq) {
-                break;
-            }
+            node = pool.next(node);
         }
-        false
+        last != NIL && pool.seq(last) == seq && pool.seq_len(last) >= len
     }
 
     /// Sends every queued segment that pacing and the target's window allow.
-    fn pump(
-        &mut self,
-        now: Duration,
-        config: &SessionConfig,
-        stats: &mut SessionStats,
-        out: &mut dyn Output,
-        scratch: &mut Scratch,
-    ) -> Verdict {
+    fn pump(&mut self, cx: &mut Ctx<'_>) -> Verdict {
         if self.state != State::Established {
             return Verdict::Keep;
         }
-        while self.sent < self.queue.len() {
-            let seg = &self.queue[self.sent];
-            if config.pacing == Pacing::WaitForResponse && !self.paced_ok(seg) {
+        while self.queue.sent < self.queue.len {
+            let id = self.queue.unsent;
+            let flags = cx.pool.flags(id);
+            if cx.limits.pacing == Pacing::WaitForResponse
+                && !self.paced_ok(flags, cx.pool.online_ack(id))
+            {
                 break;
             }
+            let seq_len = cx.pool.seq_len(id);
             let in_flight = self.snd_nxt.diff(self.snd_una).max(0) as u32;
-            if seg.seq_len > 0 && self.sent > 0 && in_flight + seg.seq_len > self.peer_window {
+            if seq_len > 0 && self.queue.sent > 0 && in_flight + seq_len > self.peer_window() {
                 break;
             }
-            let is_rst = seg.flags.contains(TcpFlags::RST);
-            let is_fin = seg.flags.contains(TcpFlags::FIN);
-            let has_data = seg.seq_len > u32::from(is_fin);
-            let end = seg.end();
-            self.send_segment(self.sent, is_rst, out);
-            stats.sent_segments += 1;
+            let is_rst = flags.contains(TcpFlags::RST);
+            let is_fin = flags.contains(TcpFlags::FIN);
+            let has_data = seq_len > u32::from(is_fin);
+            let end = cx.pool.end(id);
+            self.send_segment(id, is_rst, cx);
+            cx.stats.sent_segments += 1;
             if has_data {
-                stats.sent_data += 1;
-                self.sent_data = true;
+                cx.stats.sent_data += 1;
+                self.flags |= SENT_DATA;
+                if !self.has(AWAITING_REPLY) {
+                    self.flags |= AWAITING_REPLY;
+                    self.request_sent_us = cx.now_us;
+                }
             }
-            self.last_send_at = now;
+            self.last_send_at = cx.now;
             if is_rst {
-                stats.sent_rst += 1;
-                stats.client_resets += 1;
-                self.close(now, config);
+                cx.stats.sent_rst += 1;
+                cx.stats.client_resets += 1;
+                self.close(cx);
                 return Verdict::Keep;
             }
             if is_fin {
-                stats.sent_fin += 1;
-                self.client_fin_sent = true;
+                cx.stats.sent_fin += 1;
+                self.flags |= CLIENT_FIN_SENT;
             }
             if end.after(self.snd_nxt) {
                 self.snd_nxt = end;
             }
-            self.sent += 1;
-            if self.rto_deadline.is_none() {
-                self.rto_deadline = Some(now + self.rto);
+            self.queue.sent += 1;
+            self.queue.unsent = cx.pool.next(id);
+            if !self.has(RTO_ARMED) {
+                self.alarm = cx.now.add(cx.limits.rto(self.retries));
+                self.flags |= RTO_ARMED;
             }
         }
-        let _ = scratch;
         Verdict::Keep
     }
 
     /// True when the target has sent as many response bytes as the online server had when the
-    /// client sent `seg` (less what the silence rule wrote off).
-    fn paced_ok(&self, seg: &Segment) -> bool {
-        if !seg.flags.contains(TcpFlags::ACK) {
+    /// client sent a segment with these flags and acknowledgement number (less what the
+    /// silence rule wrote off).
+    fn paced_ok(&self, flags: TcpFlags, online_ack: SeqNum) -> bool {
+        if !flags.contains(TcpFlags::ACK) || !self.has(ONLINE_BASE) {
             return true;
         }
-        let Some(base) = self.online_base else {
-            return true;
-        };
-        let needed = seg.online_ack.diff(base).max(0) as u32;
+        let needed = online_ack.diff(self.online_base).max(0) as u32;
         let have = self.rcv_nxt.diff(self.target_base).max(0) as u32;
         needed <= have.saturating_add(self.pace_credit)
     }
 
-    /// Writes queued segment `index` out with the current acknowledgement and timestamps.
-    fn send_segment(&mut self, index: usize, reset: bool, out: &mut dyn Output) {
+    /// Writes queued segment `id` out with the current acknowledgement and timestamps.
+    fn send_segment(&mut self, id: u32, reset: bool, cx: &mut Ctx<'_>) {
+        if cx.pool.is_chained(id) {
+            // Longer than a slot: rewrite a gathered copy (every send rewrites from scratch).
+            let mut buf = std::mem::take(cx.scratch);
+            cx.pool.gather(id, &mut buf);
+            let new_seq = self.rewrite(&mut buf, reset);
+            cx.out.transmit(&buf);
+            *cx.scratch = buf;
+            if let Some(seq) = new_seq {
+                cx.pool.set_seq(id, seq);
+            }
+        } else {
+            let packet = cx.pool.packet_mut(id);
+            let new_seq = self.rewrite(packet, reset);
+            cx.out.transmit(packet);
+            if let Some(seq) = new_seq {
+                cx.pool.set_seq(id, seq);
+            }
+        }
+    }
+
+    /// Rewrites a queued packet for sending; returns its new sequence number when an RST had
+    /// to move to our next byte.
+    fn rewrite(&mut self, packet: &mut [u8], reset: bool) -> Option<SeqNum> {
         let rcv_nxt = self.rcv_nxt;
         let snd_nxt = self.snd_nxt;
-        let timestamps_on = self.timestamps_on;
+        let timestamps_on = self.has(TIMESTAMPS_ON);
         let ts_recent = self.ts_recent;
         let mut ts_max = self.ts_val;
-        let seg = &mut self.queue[index];
+        let mut new_seq = None;
         {
-            let mut ip = Ipv4Packet::new_unchecked(&mut seg.packet[..]);
+            let mut ip = Ipv4Packet::new_unchecked(&mut packet[..]);
             self.ip_ident = ip.ident();
             let mut tcp = TcpPacket::new_unchecked(&mut ip.payload_mut()[..]);
             if tcp.flags().contains(TcpFlags::ACK) {
                 tcp.rewrite_ack_number(rcv_nxt);
             }
-            if reset && seg.seq.before(snd_nxt) {
+            if reset && tcp.seq_number().before(snd_nxt) {
                 // An RST must fall inside the target's window: send it at our next byte.
                 tcp.set_seq_number(snd_nxt);
-                seg.seq = snd_nxt;
+                new_seq = Some(snd_nxt);
             }
             if timestamps_on {
                 if let Some((tsval, _)) = tcp.timestamps() {
@@ -578,27 +997,20 @@ impl Session {
             }
         }
         if reset {
-            let mut ip = Ipv4Packet::new_unchecked(&mut seg.packet[..]);
+            let mut ip = Ipv4Packet::new_unchecked(&mut packet[..]);
             let (src, dst) = (ip.src_addr(), ip.dst_addr());
             let mut tcp = TcpPacket::new_unchecked(&mut ip.payload_mut()[..]);
             tcp.fill_checksum(src, dst);
         }
-        strip_sack(&mut seg.packet);
-        out.transmit(&seg.packet);
+        strip_sack(packet);
         self.ts_val = ts_max;
+        new_seq
     }
 
     /// Builds and sends a fabricated segment from the client's side.
-    fn fabricate(
-        &mut self,
-        flags: TcpFlags,
-        seq: SeqNum,
-        stats: &mut SessionStats,
-        out: &mut dyn Output,
-        scratch: &mut Scratch,
-    ) {
+    fn fabricate(&mut self, flags: TcpFlags, seq: SeqNum, cx: &mut Ctx<'_>) {
         self.ip_ident = self.ip_ident.wrapping_add(1);
-        let with_ts = self.timestamps_on && !flags.contains(TcpFlags::RST);
+        let with_ts = self.has(TIMESTAMPS_ON) && !flags.contains(TcpFlags::RST);
         let repr = TcpRepr {
             src_port: self.key.client_port,
             dst_port: self.key.target_port,
@@ -624,9 +1036,9 @@ impl Session {
             },
             payload_len: 0,
         };
-        scratch.buf.clear();
+        cx.scratch.clear();
         crate::wire::tcp::emit_ipv4_tcp(
-            &mut scratch.buf,
+            cx.scratch,
             self.key.client_ip,
             self.key.target_ip,
             self.ip_ident,
@@ -634,55 +1046,46 @@ impl Session {
             &repr,
             &[],
         );
-        out.transmit(&scratch.buf);
+        cx.out.transmit(cx.scratch);
         if flags.contains(TcpFlags::RST) {
-            stats.sent_rst += 1;
+            cx.stats.sent_rst += 1;
         } else {
-            stats.sent_acks += 1;
+            cx.stats.sent_acks += 1;
         }
     }
 
     /// Sends an RST at our next sequence byte (teardown of a session still open at the target).
-    fn reset_target(
-        &mut self,
-        stats: &mut SessionStats,
-        out: &mut dyn Output,
-        scratch: &mut Scratch,
-    ) {
+    fn reset_target(&mut self, cx: &mut Ctx<'_>) {
         if self.state == State::SynSent {
             // The target knows at most our SYN; an RST with the SYN's next sequence ends it.
             let seq = self.client_isn.add(1);
-            self.fabricate(TcpFlags::RST, seq, stats, out, scratch);
+            self.fabricate(TcpFlags::RST, seq, cx);
         } else {
-            let seq = self.snd_nxt;
-            self.fabricate(TcpFlags::RST | TcpFlags::ACK, seq, stats, out, scratch);
+            // At what the target acknowledged last: exactly its next expected byte unless our
+            // data in flight reached it (an RST must hit RCV.NXT exactly to be taken at once).
+            let seq = self.snd_una;
+            self.fabricate(TcpFlags::RST | TcpFlags::ACK, seq, cx);
         }
     }
 
-    fn close(&mut self, now: Duration, config: &SessionConfig) {
+    /// Ends the session: it lingers (absorbing late duplicates) and its queue is freed.
+    fn close(&mut self, cx: &mut Ctx<'_>) {
         self.state = State::Closed;
-        self.linger_until = now + config.linger;
-        self.rto_deadline = None;
+        self.alarm = cx.now.add(cx.limits.linger);
+        self.set(RTO_ARMED | AWAITING_REPLY, false);
+        self.free_queue(cx.pool);
     }
 
     /// Handles one reply of the target.
-    fn on_response(
-        &mut self,
-        resp: &Response,
-        now: Duration,
-        config: &SessionConfig,
-        stats: &mut SessionStats,
-        out: &mut dyn Output,
-        scratch: &mut Scratch,
-    ) -> Verdict {
-        stats.responses += 1;
+    fn on_response(&mut self, resp: &Response, cx: &mut Ctx<'_>) -> Verdict {
+        cx.stats.responses += 1;
         if resp.payload_len > 0 {
-            stats.response_data += 1;
+            cx.stats.response_data += 1;
         }
         if resp.flags.contains(TcpFlags::RST) {
             if self.state != State::Closed {
-                stats.target_resets += 1;
-                self.close(now, config);
+                cx.stats.target_resets += 1;
+                self.close(cx);
             }
             return Verdict::Keep;
         }
@@ -690,45 +1093,62 @@ impl Session {
             // Late data or FIN of a finished session: reset it at the target so nothing stays
             // half-open there; pure ACKs are ignored.
             if resp.payload_len > 0 || resp.flags.contains(TcpFlags::FIN) {
-                self.fabricate(TcpFlags::RST, resp.ack, stats, out, scratch);
+                self.fabricate(TcpFlags::RST, resp.ack, cx);
             }
             return Verdict::Keep;
         }
         if resp.flags.contains(TcpFlags::SYN) {
-            return self.on_synack(resp, now, config, stats, out, scratch);
+            return self.on_synack(resp, cx);
         }
         if self.state == State::SynSent {
-            // Not a SYN-ACK while we wait for one: a stale segment of an older connection.
-            self.fabricate(TcpFlags::RST, resp.ack, stats, out, scratch);
+            // Not a SYN-ACK while we wait for one: the target still has an older connection on
+            // this 4-tuple (this is its challenge ACK) or a stale segment of one. Reset it at
+            // the sequence it acknowledges and send our SYN again at once (a few times; after
+            // that the RTO paces the SYNs).
+            self.fabricate(TcpFlags::RST, resp.ack, cx);
+            let head = self.queue.head;
+            if resp.flags.contains(TcpFlags::ACK)
+                && self.dupacks < STALE_RESENDS
+                && head != NIL
+                && cx.pool.flags(head).contains(TcpFlags::SYN)
+            {
+                self.dupacks += 1;
+                cx.stats.stale_target_resets += 1;
+                cx.stats.retransmits += 1;
+                self.send_segment(head, false, cx);
+                self.last_send_at = cx.now;
+            }
             return Verdict::Keep;
         }
-        self.last_response_at = now;
-        self.peer_window = u32::from(resp.window) << self.peer_window_scale;
-        if self.timestamps_on {
+        self.last_response_at = cx.now;
+        self.peer_window = resp.window;
+        self.set(WINDOW_UNSCALED, false);
+        if self.has(TIMESTAMPS_ON) {
             if let Some((tsval, _)) = resp.timestamps {
                 self.ts_recent = tsval;
             }
         }
         let advanced = resp.ack.after(self.snd_una);
-        self.on_ack(resp.ack, now, config);
-        if self.sent > 0 {
+        self.on_ack(resp.ack, cx);
+        if self.queue.sent > 0 {
             let duplicate = !advanced
                 && resp.ack == self.snd_una
                 && resp.payload_len == 0
                 && !resp.flags.contains(TcpFlags::FIN);
             if duplicate {
-                self.dupacks += 1;
+                self.dupacks = self.dupacks.saturating_add(1);
             }
             // Fast retransmit on the third duplicate ACK; while recovering, every partial
             // ACK retransmits the next hole at once (one per round trip, not per RTO).
-            if (duplicate && self.dupacks == 3) || (advanced && self.recovering) {
-                self.recovering = true;
-                stats.retransmits += 1;
-                self.send_segment(0, false, out);
-                self.last_send_at = now;
+            if (duplicate && self.dupacks == 3) || (advanced && self.has(RECOVERING)) {
+                self.flags |= RECOVERING;
+                cx.stats.retransmits += 1;
+                let head = self.queue.head;
+                self.send_segment(head, false, cx);
+                self.last_send_at = cx.now;
             }
         } else {
-            self.recovering = false;
+            self.set(RECOVERING, false);
         }
         if advanced {
             self.dupacks = 0;
@@ -736,16 +1156,22 @@ impl Session {
         let mut ack_now = false;
         if resp.payload_len > 0 || resp.flags.contains(TcpFlags::FIN) {
             let data_end = resp.seq.add(resp.payload_len);
+            if resp.payload_len > 0 && data_end.after(self.rcv_nxt) && self.has(AWAITING_REPLY) {
+                // The first byte of the answer: the request's reply latency.
+                self.set(AWAITING_REPLY, false);
+                let us = cx.now_us.wrapping_sub(self.request_sent_us);
+                cx.out.reply_latency(Duration::from_micros(u64::from(us)));
+            }
             if !resp.seq.after(self.rcv_nxt) {
                 if data_end.after(self.rcv_nxt) {
                     self.rcv_nxt = data_end;
                 }
                 if resp.flags.contains(TcpFlags::FIN)
                     && data_end == self.rcv_nxt
-                    && !self.target_fin
+                    && !self.has(TARGET_FIN)
                 {
                     self.rcv_nxt = self.rcv_nxt.add(1);
-                    self.target_fin = true;
+                    self.flags |= TARGET_FIN;
                 }
             }
             // In order, a retransmission or beyond a gap: acknowledge what we have either way
@@ -753,182 +1179,179 @@ impl Session {
             ack_now = true;
         }
         let sent_before = self.snd_nxt;
-        let sent_count = stats.sent_segments;
-        let verdict = self.pump(now, config, stats, out, scratch);
+        let sent_count = cx.stats.sent_segments;
+        let verdict = self.pump(cx);
         if self.state == State::Closed {
             return verdict;
         }
-        if ack_now && stats.sent_segments == sent_count && sent_before == self.snd_nxt {
+        if ack_now && cx.stats.sent_segments == sent_count && sent_before == self.snd_nxt {
             let seq = self.snd_nxt;
-            self.fabricate(TcpFlags::ACK, seq, stats, out, scratch);
+            self.fabricate(TcpFlags::ACK, seq, cx);
         }
-        if self.target_fin && self.client_fin_sent && self.snd_una == self.snd_nxt {
-            stats.closed += 1;
-            self.close(now, config);
+        if self.has(TARGET_FIN) && self.has(CLIENT_FIN_SENT) && self.snd_una == self.snd_nxt {
+            cx.stats.closed += 1;
+            self.close(cx);
         }
         verdict
     }
 
-    fn on_synack(
-        &mut self,
-        resp: &Response,
-        now: Duration,
-        config: &SessionConfig,
-        stats: &mut SessionStats,
-        out: &mut dyn Output,
-        scratch: &mut Scratch,
-    ) -> Verdict {
+    fn on_synack(&mut self, resp: &Response, cx: &mut Ctx<'_>) -> Verdict {
         let expected_ack = self.client_isn.add(1);
         if !resp.flags.contains(TcpFlags::ACK) || resp.ack != expected_ack {
-            stats.bad_synack += 1;
-            self.fabricate(TcpFlags::RST, resp.ack, stats, out, scratch);
+            cx.stats.bad_synack += 1;
+            self.fabricate(TcpFlags::RST, resp.ack, cx);
             return Verdict::Keep;
         }
-        self.last_response_at = now;
+        self.last_response_at = cx.now;
         if self.state == State::SynSent {
-            stats.established += 1;
+            cx.stats.established += 1;
             self.state = State::Established;
             self.target_base = resp.seq.add(1);
             self.rcv_nxt = self.target_base;
             self.snd_una = expected_ack;
             self.snd_nxt = expected_ack;
             // The SYN is acknowledged: drop it from the queue.
-            if let Some(front) = self.queue.front() {
-                if front.flags.contains(TcpFlags::SYN) {
-                    let syn = self.queue.pop_front().expect("front exists");
-                    self.queued_bytes -= syn.packet.len();
-                    self.sent = self.sent.saturating_sub(1);
+            let head = self.queue.head;
+            if head != NIL && cx.pool.flags(head).contains(TcpFlags::SYN) {
+                let was_sent = self.queue.unsent != head;
+                self.pop_front(cx.pool);
+                if was_sent {
+                    self.queue.sent = self.queue.sent.saturating_sub(1);
                 }
             }
-            if let (Some(_), Some(scale)) = (self.syn_window_scale, resp.window_scale) {
+            if let (true, Some(scale)) = (self.has(SYN_WINDOW_SCALE), resp.window_scale) {
                 self.peer_window_scale = scale.min(14);
             }
-            self.peer_window = u32::from(resp.window);
-            if self.syn_timestamps {
+            self.peer_window = resp.window;
+            self.flags |= WINDOW_UNSCALED;
+            if self.has(SYN_TIMESTAMPS) {
                 if let Some((tsval, _)) = resp.timestamps {
-                    self.timestamps_on = true;
+                    self.flags |= TIMESTAMPS_ON;
                     self.ts_recent = tsval;
                 }
             }
-            self.rto = config.rto_initial;
-            self.rto_deadline = None;
             self.retries = 0;
+            self.dupacks = 0;
+            self.set(RTO_ARMED, false);
         }
         // Third handshake ACK (again, if the SYN-ACK was retransmitted because ours was lost).
         let seq = self.snd_una;
-        self.fabricate(TcpFlags::ACK, seq, stats, out, scratch);
-        self.pump(now, config, stats, out, scratch)
+        self.fabricate(TcpFlags::ACK, seq, cx);
+        self.pump(cx)
     }
 
     /// The target acknowledged up to `ack`: forget what it has.
-    fn on_ack(&mut self, ack: SeqNum, now: Duration, config: &SessionConfig) {
+    fn on_ack(&mut self, ack: SeqNum, cx: &mut Ctx<'_>) {
         if !ack.after(self.snd_una) || ack.after(self.snd_nxt) {
             return;
         }
         self.snd_una = ack;
-        while self.sent > 0 {
-            let front = &self.queue[0];
-            if front.end().after(ack) {
+        // Every sent segment ends at or before `snd_nxt`: when that is acknowledged, all go
+        // without reading their (cold) slots.
+        let all = ack == self.snd_nxt;
+        while self.queue.sent > 0 {
+            if !all && cx.pool.end(self.queue.head).after(ack) {
                 break;
             }
-            let seg = self.queue.pop_front().expect("sent > 0");
-            self.queued_bytes -= seg.packet.len();
-            self.sent -= 1;
+            self.pop_front(cx.pool);
+            self.queue.sent -= 1;
         }
         self.retries = 0;
-        self.rto = config.rto_initial;
-        self.rto_deadline = if self.sent > 0 {
-            Some(now + self.rto)
+        if self.queue.sent > 0 {
+            self.alarm = cx.now.add(cx.limits.rto_initial);
+            self.flags |= RTO_ARMED;
         } else {
-            None
-        };
+            self.set(RTO_ARMED, false);
+        }
     }
 
     /// The next moment this session needs [`Session::on_timer`].
-    fn deadline(&self, config: &SessionConfig) -> Duration {
+    fn deadline(&self, limits: &Limits) -> Tick {
         if self.state == State::Closed {
-            return self.linger_until;
+            return self.alarm;
         }
-        let mut next = self.last_response_at.max(self.created_at) + config.timeout;
-        if self.sent_data && self.queue.is_empty() {
-            next = self.last_response_at + config.keepalive;
+        let mut next = self.last_response_at.add(limits.timeout);
+        if self.has(SENT_DATA) && self.queue.len == 0 {
+            next = self.last_response_at.add(limits.keepalive);
         }
-        if let Some(rto) = self.rto_deadline {
-            next = next.min(rto);
+        if self.has(RTO_ARMED) {
+            next = next.earlier(self.alarm);
         }
-        if self.state == State::Established && self.sent < self.queue.len() {
-            next = next.min(self.last_response_at.max(self.last_send_at) + config.pace_idle);
+        if self.state == State::Established && self.queue.sent < self.queue.len {
+            let silent_from = self.last_response_at.later(self.last_send_at);
+            next = next.earlier(silent_from.add(limits.pace_idle));
         }
         next
     }
 
-    /// Runs the timers that are due.
-    fn on_timer(
-        &mut self,
-        now: Duration,
-        config: &SessionConfig,
-        stats: &mut SessionStats,
-        out: &mut dyn Output,
-        scratch: &mut Scratch,
-    ) -> Verdict {
+    /// Runs the timers that are due (harmless when none is).
+    fn on_timer(&mut self, cx: &mut Ctx<'_>) -> Verdict {
+        let now = cx.now;
         if self.state == State::Closed {
-            return if now >= self.linger_until {
+            return if now.reached(self.alarm) {
                 Verdict::Remove
             } else {
                 Verdict::Keep
             };
         }
         // Retransmission.
-        if let Some(deadline) = self.rto_deadline {
-            if now >= deadline {
-                if self.retries >= config.max_retries {
-                    stats.gave_up += 1;
-                    self.reset_target(stats, out, scratch);
-                    self.close(now, config);
-                    return Verdict::Keep;
-                }
-                self.retries += 1;
-                self.rto = (self.rto * 2).min(config.rto_max);
-                self.rto_deadline = Some(now + self.rto);
-                if self.state == State::SynSent {
-                    // The route may have been lost with an intercept connection: register again.
-                    out.register(self.key);
-                }
-                if self.sent > 0 {
-                    stats.retransmits += 1;
-                    self.recovering = self.state == State::Established;
-                    self.send_segment(0, false, out);
-                } else {
-                    self.rto_deadline = None;
-                }
+        if self.has(RTO_ARMED) && now.reached(self.alarm) {
+            if self.retries >= cx.limits.max_retries {
+                cx.stats.gave_up += 1;
+                self.reset_target(cx);
+                self.close(cx);
+                return Verdict::Keep;
+            }
+            self.retries += 1;
+            self.alarm = now.add(cx.limits.rto(self.retries));
+            if self.state == State::SynSent {
+                // The route may have been lost with an intercept connection: register again.
+                cx.out.register(self.key);
+            }
+            if self.queue.sent > 0 {
+                cx.stats.retransmits += 1;
+                self.set(RECOVERING, self.state == State::Established);
+                let head = self.queue.head;
+                self.send_segment(head, false, cx);
+            } else {
+                self.set(RTO_ARMED, false);
             }
         }
         // Silence rule: the target's answer was shorter than the online one.
         if self.state == State::Established
-            && config.pacing == Pacing::WaitForResponse
-            && self.sent < self.queue.len()
-            && now >= self.last_response_at.max(self.last_send_at) + config.pace_idle
+            && cx.limits.pacing == Pacing::WaitForResponse
+            && self.queue.sent < self.queue.len
+            && now.reached(
+                self.last_response_at
+                    .later(self.last_send_at)
+                    .add(cx.limits.pace_idle),
+            )
         {
-            let seg = &self.queue[self.sent];
-            if !self.paced_ok(seg) {
-                let base = self.online_base.unwrap_or(seg.online_ack);
-                let needed = seg.online_ack.diff(base).max(0) as u32;
+            let id = self.queue.unsent;
+            let online_ack = cx.pool.online_ack(id);
+            if !self.paced_ok(cx.pool.flags(id), online_ack) {
+                let base = if self.has(ONLINE_BASE) {
+                    self.online_base
+                } else {
+                    online_ack
+                };
+                let needed = online_ack.diff(base).max(0) as u32;
                 let have = self.rcv_nxt.diff(self.target_base).max(0) as u32;
                 self.pace_credit = needed.saturating_sub(have);
-                stats.pace_releases += 1;
+                cx.stats.pace_releases += 1;
             }
-            self.pump(now, config, stats, out, scratch);
+            self.pump(cx);
             if self.state == State::Closed {
                 return Verdict::Keep;
             }
         }
         // Session timeout (-t) and keep-alive (-k).
-        let silent = now.saturating_sub(self.last_response_at.max(self.created_at));
-        let idle_ok = self.sent_data && self.queue.is_empty();
-        if (silent >= config.timeout && !idle_ok) || silent >= config.keepalive {
-            stats.timed_out += 1;
-            self.reset_target(stats, out, scratch);
-            self.close(now, config);
+        let silent = now.since(self.last_response_at);
+        let idle_ok = self.has(SENT_DATA) && self.queue.len == 0;
+        if (silent >= cx.limits.timeout && !idle_ok) || silent >= cx.limits.keepalive {
+            cx.stats.timed_out += 1;
+            self.reset_target(cx);
+            self.close(cx);
         }
         Verdict::Keep
     }
@@ -937,6 +1360,14 @@ impl Session {
 /// Overwrites SACK blocks (which name the online server's sequence space) with NOPs, fixing
 /// the TCP checksum. Cheap when the segment has no SACK option (the common case).
 fn strip_sack(packet: &mut [u8]) {
+    // Fast path: no options, or just the timestamps the way Linux lays them out.
+    let ihl = usize::from(packet[0] & 0x0f) * 4;
+    if let Some(tcp) = packet.get(ihl..ihl + 24) {
+        let doff = usize::from(tcp[12] >> 4) * 4;
+        if doff <= 20 || (doff == 32 && tcp[20..24] == [1, 1, 8, 10]) {
+            return;
+        }
+    }
     let mut ip = Ipv4Packet::new_unchecked(&mut packet[..]);
     let (src, dst) = (ip.src_addr(), ip.dst_addr());
     let mut tcp = TcpPacket::new_unchecked(&mut ip.payload_mut()[..]);

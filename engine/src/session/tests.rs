@@ -319,7 +319,11 @@ fn syn_and_data_are_retransmitted_then_given_up() {
     let sent = h.out.take();
     assert_eq!(sent.len(), 1);
     assert!(sent[0].flags.contains(TcpFlags::RST), "{sent:?}");
-    assert_eq!(sent[0].seq, C_ISN + 5);
+    assert_eq!(
+        sent[0].seq,
+        C_ISN + 1,
+        "at what the target acknowledged last"
+    );
     let s = h.table.stats();
     assert_eq!((s.retransmits, s.gave_up), (3, 1));
 }
@@ -390,7 +394,11 @@ fn port_reuse_resets_the_old_session_before_the_new_syn() {
     let sent = h.out.take();
     assert_eq!(sent.len(), 2, "{sent:?}");
     assert!(sent[0].flags.contains(TcpFlags::RST));
-    assert_eq!(sent[0].seq, C_ISN + 4);
+    assert_eq!(
+        sent[0].seq,
+        C_ISN + 1,
+        "at the target's last acknowledgement"
+    );
     assert_eq!(sent[1].flags, TcpFlags::SYN);
     assert_eq!(sent[1].seq, 77_000);
     assert_eq!(h.table.stats().port_reuse_resets, 1);
@@ -565,4 +573,20 @@ fn duplicate_acks_and_partial_acks_retransmit_holes() {
     h.resp(A, T_BASE, C_ISN + 21, 0, ms(5));
     assert!(h.out.take().is_empty());
     assert_eq!(h.table.stats().retransmits, 2);
+}
+
+#[test]
+fn a_stale_connection_at_the_target_is_reset_and_the_syn_resent() {
+    let mut h = Harness::new(SessionConfig::default());
+    h.client(TcpFlags::SYN, C_ISN, 0, b"", ms(0));
+    h.out.take();
+    // The target still has an older connection on this 4-tuple: a challenge ACK.
+    h.resp(A, 55_555, 123_456, 0, ms(1));
+    let sent = h.out.take();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!((sent[0].flags, sent[0].seq), (TcpFlags::RST, 123_456));
+    assert_eq!((sent[1].flags, sent[1].seq), (TcpFlags::SYN, C_ISN));
+    assert_eq!(h.table.stats().stale_target_resets, 1);
+    h.resp(TcpFlags::SYN | A, T_ISN, C_ISN + 1, 0, ms(2));
+    assert_eq!(h.table.stats().established, 1);
 }

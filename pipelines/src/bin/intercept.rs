@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::{ArgAction, Parser};
-use engine::control::{Framing, RecordFormat};
+use engine::control::{Framing, RecordFormat, Secret, Transport};
 use pipelines::cli;
 use pipelines::intercept::{Intercept, InterceptConfig};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -22,9 +22,11 @@ Example: intercept -i eth0 -F 'tcp and src port 8080'",
     disable_version_flag = true
 )]
 struct Args {
-    /// Interface to capture the target's replies on (e.g. eth0)
+    /// Interface to capture the target's replies on (e.g. eth0); or use --dpdk-rx
     #[arg(short = 'i', value_name = "INTERFACE")]
-    interface: String,
+    interface: Option<String>,
+    #[command(flatten)]
+    dpdk: cli::DpdkArgs,
     /// Capture filter (pcap syntax) selecting the target's replies, e.g. "tcp and src port 8080"
     #[arg(short = 'F', value_name = "FILTER")]
     filter: String,
@@ -61,6 +63,24 @@ struct Args {
     /// Plain framing (C tools built --disable-combined)
     #[arg(long, action = ArgAction::SetTrue)]
     plain_framing: bool,
+    /// Capture threads (a PACKET_FANOUT group spreads the replies over them by flow)
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    workers: usize,
+    /// Control channel transport: tcp (the C tools' protocol) or udp (tcpcopy-rs only; the
+    /// tcpcopy must use udp too)
+    #[arg(long, value_name = "tcp|udp", default_value = "tcp")]
+    transport: Transport,
+    /// Require tcpcopy to prove knowledge of the secret in FILE (at least 16 bytes; trailing
+    /// line breaks ignored); tcpcopy must be given the same file. Off: the C byte format.
+    #[arg(long, value_name = "FILE")]
+    auth_file: Option<PathBuf>,
+    /// No routing: spread every reply over the connected tcpcopy connections (C --single
+    /// build); a tcpcopy connecting more than 3 s after the first replaces it
+    #[arg(long, action = ArgAction::SetTrue)]
+    single: bool,
+    /// With --single: refuse a new tcpcopy while the previous one is still connected
+    #[arg(short = 'c', action = ArgAction::SetTrue)]
+    protect: bool,
 }
 
 fn main() {
@@ -78,8 +98,34 @@ fn run() -> anyhow::Result<()> {
             args.bind
         )
     })?;
+    if args.protect && !args.single {
+        anyhow::bail!("-c (protect the connected tcpcopy) only applies with --single");
+    }
+    if !(1..=pipelines::intercept::MAX_WORKERS).contains(&args.workers) {
+        anyhow::bail!(
+            "bad --workers value {}: use 1..={}",
+            args.workers,
+            pipelines::intercept::MAX_WORKERS
+        );
+    }
+    let auth = args
+        .auth_file
+        .as_deref()
+        .map(Secret::from_file)
+        .transpose()
+        .context("bad --auth-file")?;
+    let dpdk = args.dpdk.settings()?;
+    let interface = match (&args.interface, &dpdk) {
+        (Some(i), None) => i.clone(),
+        (None, Some(d)) => d.rx_device.clone(),
+        (Some(_), Some(_)) => anyhow::bail!("give -i INTERFACE or --dpdk-rx DEVICE, not both"),
+        (None, None) => anyhow::bail!(
+            "tell intercept where to capture: -i INTERFACE (e.g. -i eth0) or --dpdk-rx DEVICE"
+        ),
+    };
     let config = InterceptConfig {
-        interface: args.interface.clone(),
+        dpdk,
+        interface,
         filter: args.filter.clone(),
         listen: SocketAddrV4::new(bind, args.port),
         record_format: if args.payload_records {
@@ -94,6 +140,11 @@ fn run() -> anyhow::Result<()> {
         },
         route_timeout: Duration::from_secs(args.route_timeout.max(1)),
         stats_interval: (args.stats_interval > 0).then(|| Duration::from_secs(args.stats_interval)),
+        workers: args.workers,
+        transport: args.transport,
+        auth,
+        single: args.single,
+        protect: args.protect,
     };
     if args.daemon {
         cli::daemonize()?;
@@ -106,11 +157,19 @@ fn run() -> anyhow::Result<()> {
         .transpose()?;
     let stop = cli::stop_flag(!args.daemon)?;
     tracing::info!(
-        "intercept {} starting: -i {} -F \"{}\" listening on {}",
+        "intercept {} starting: -i {} -F \"{}\" listening on {} ({}{}), {} capture thread(s){}",
         env!("CARGO_PKG_VERSION"),
         config.interface,
         config.filter,
-        config.listen
+        config.listen,
+        config.transport,
+        if config.auth.is_some() {
+            ", authenticated"
+        } else {
+            ""
+        },
+        config.workers,
+        if config.single { ", --single" } else { "" }
     );
     let intercept = Intercept::start(config).context("intercept cannot start")?;
     while !stop.load(Ordering::Relaxed) && intercept.is_running() {

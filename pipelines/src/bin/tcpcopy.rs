@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::{ArgAction, Parser};
-use engine::control::{Framing, RecordFormat};
+use engine::control::{Framing, RecordFormat, Secret, Transport};
 use engine::session::{Pacing, SessionConfig};
 use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
 use hdrhistogram::serialization::V2Serializer;
@@ -36,9 +36,9 @@ struct Args {
     /// intercept addresses: ip[:port][,...] (e.g. 10.0.0.40 or 10.0.0.40:36524,10.0.0.41)
     #[arg(short = 's', value_name = "SERVERS")]
     servers: String,
-    /// Interface to capture client requests on (e.g. eth0)
+    /// Interface to capture client requests on (e.g. eth0); or use --dpdk-rx
     #[arg(short = 'i', value_name = "INTERFACE")]
-    interface: String,
+    interface: Option<String>,
     /// Capture filter (pcap syntax); default: made from -x, e.g. "tcp and ((dst port 80))"
     #[arg(short = 'F', value_name = "FILTER")]
     filter: Option<String>,
@@ -96,6 +96,8 @@ struct Args {
     /// Pin the workers to these cores, e.g. 2,3 (worker i on the i-th listed core)
     #[arg(long, value_name = "LIST")]
     cores: Option<String>,
+    #[command(flatten)]
+    dpdk: cli::DpdkArgs,
     /// Write the latency histograms as an HdrHistogram interval log (one interval per --stats-interval)
     #[arg(long, value_name = "FILE")]
     histogram_log: Option<PathBuf>,
@@ -108,6 +110,14 @@ struct Args {
     /// Plain control framing (C tools built --disable-combined)
     #[arg(long, action = ArgAction::SetTrue)]
     plain_framing: bool,
+    /// Control channel transport: tcp (the C tools' format) or udp (datagrams with sequence
+    /// numbers: loss is counted, nothing blocks)
+    #[arg(long, value_name = "tcp|udp", default_value = "tcp")]
+    transport: Transport,
+    /// Authenticate the control channel with the shared secret in FILE (at least 16 bytes;
+    /// intercept needs the same --auth-file)
+    #[arg(long, value_name = "FILE")]
+    auth_file: Option<PathBuf>,
 }
 
 fn main() {
@@ -151,6 +161,15 @@ fn run() -> anyhow::Result<()> {
                 .collect::<anyhow::Result<Vec<usize>>>()
         })
         .transpose()?;
+    let dpdk = args.dpdk.settings()?;
+    let interface = match (&args.interface, &dpdk) {
+        (Some(i), None) => i.clone(),
+        (None, Some(d)) => d.rx_device.clone(),
+        (Some(_), Some(_)) => anyhow::bail!("give -i INTERFACE or --dpdk-rx DEVICE, not both"),
+        (None, None) => anyhow::bail!(
+            "tell tcpcopy where to capture: -i INTERFACE (e.g. -i eth0) or --dpdk-rx DEVICE"
+        ),
+    };
     let filter = args
         .filter
         .clone()
@@ -172,7 +191,7 @@ fn run() -> anyhow::Result<()> {
     let config = TcpcopyConfig {
         transfers,
         clients,
-        interface: args.interface.clone(),
+        interface: interface.clone(),
         filter,
         output_interface: args.output_interface.clone(),
         intercepts,
@@ -192,6 +211,16 @@ fn run() -> anyhow::Result<()> {
         busy_poll: args.busy_poll,
         workers: args.workers,
         cores,
+        dpdk,
+        transport: args.transport,
+        auth: args
+            .auth_file
+            .as_deref()
+            .map(|path| {
+                Secret::from_file(path)
+                    .with_context(|| format!("bad --auth-file {}", path.display()))
+            })
+            .transpose()?,
     };
     if args.daemon {
         cli::daemonize()?;

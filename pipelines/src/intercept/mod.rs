@@ -1,25 +1,58 @@
 //! The intercept pipeline: capture the target's replies -> extract the IPv4+TCP header ->
 //! route by the exact 4-tuple that tcpcopy registered -> batch -> control channel.
 //!
-//! One thread: a `mio` loop over the capture socket, the listening socket and the tcpcopy
-//! connections, with a 2 ms flush tick. Replies that beat their route (SYN-ACK, RST) wait in
-//! the delay queue for up to 30 s.
+//! Threads:
+//!
+//! * `--workers N` capture threads (`intercept-capN`). With N > 1 their AF_PACKET sockets form a
+//!   `PACKET_FANOUT_HASH` group, so the kernel spreads the replies by flow and each flow stays
+//!   on one thread, in order. Each thread extracts the 64/192-byte record, looks the session up
+//!   in its own replica of the route table ([`RouteReplica`]: no lock, no shared write on the
+//!   read path), holds SYN/RST replies that beat their route in its own delay queue (30 s), and
+//!   hands `(connection, record)` to the control thread over a bounded ring (drops counted).
+//! * One control thread (`intercept-control`) owns the sockets ([`ControlServer`], TCP or UDP,
+//!   optionally authenticated): it reads `CLIENT_ADD`/`CLIENT_DEL`, broadcasts route changes to
+//!   every replica ([`RouteFeed`]), and batches the records per tcpcopy, flushing within 2 ms.
+//!
+//! `--single` (spec §2.7): no routes; every reply goes to one of the connected tcpcopy
+//! connections chosen by its C route key, with the 3-second generation rule and `-c`
+//! protection ([`SingleSpread`]).
+//!
+//! The threads wake each other only when the other is parked (a flag and a `mio::Waker`).
 
 use anyhow::Context;
+use crossbeam::queue::ArrayQueue;
+use engine::control::codec::PAYLOAD_RECORD_LEN;
+use engine::control::replica::ReplicaConfig;
+use engine::control::single::c_route_key;
 use engine::control::{
-    encode_record, ClientMessage, ConnId, ControlServer, DelayQueue, Framing, MessageType,
-    RecordFormat, ResponseHeader, RouteTable, ServerEvent,
+    encode_record, Admission, ClientMessage, ConnId, ControlServer, Framing, MessageType,
+    RecordFormat, ResponseHeader, RouteFeed, RouteReplica, RouteUpdate, Secret, ServerConfig,
+    ServerEvent, ServerStats, SingleSpread, Transport,
 };
 use engine::flow::FlowKey;
-use engine::port::afpacket::{AfPacketConfig, AfPacketRx};
+use engine::port::afpacket::{AfPacketConfig, AfPacketRx, FanoutMode};
+use engine::port::filter::SoftFilter;
 use engine::port::{PortStats, RxPort};
 use engine::wire::ethernet::ETHERTYPE_IPV4;
 use engine::wire::EthernetFrame;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
 use std::fmt::Write as _;
 use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Most capture threads.
+pub const MAX_WORKERS: usize = 64;
+/// Records in flight from one capture thread to the control thread.
+const RING_CAPACITY: usize = 16 * 1024;
+/// Frames taken from the capture ring per burst.
+const BURST: usize = 256;
+/// How often threads publish their counters.
+const PUBLISH_EVERY: Duration = Duration::from_millis(200);
+const CAPTURE: Token = Token(0);
+const WAKE: Token = Token(1);
 
 /// Everything intercept needs, already validated.
 #[derive(Debug, Clone)]
@@ -32,12 +65,45 @@ pub struct InterceptConfig {
     pub listen: SocketAddrV4,
     /// Record format of the control channel.
     pub record_format: RecordFormat,
-    /// Framing of the control channel.
+    /// Framing of the control channel (TCP).
     pub framing: Framing,
     /// Idle routes are forgotten after this long.
     pub route_timeout: Duration,
     /// Period of the one-line statistics report (`None`: only at exit).
     pub stats_interval: Option<Duration>,
+    /// `--workers`: capture threads (1..=64).
+    pub workers: usize,
+    /// `--transport`: TCP (C-compatible) or UDP.
+    pub transport: Transport,
+    /// `--auth-file`: the shared secret; `None`: no authentication.
+    pub auth: Option<Secret>,
+    /// `--single`: no routing, replies spread over the connected tcpcopys.
+    pub single: bool,
+    /// `-c` (with `--single`): refuse a new tcpcopy while the previous one is connected.
+    pub protect: bool,
+    /// Capture through a DPDK device instead of `interface` (the filter then runs in user space).
+    pub dpdk: Option<crate::ports::DpdkSettings>,
+}
+
+impl InterceptConfig {
+    /// A configuration with the defaults of the command line for `interface` and `filter`.
+    pub fn new(interface: &str, filter: &str) -> InterceptConfig {
+        InterceptConfig {
+            interface: interface.to_string(),
+            filter: filter.to_string(),
+            listen: SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 36524),
+            record_format: RecordFormat::Header64,
+            framing: Framing::Combined,
+            route_timeout: Duration::from_secs(120),
+            stats_interval: Some(Duration::from_secs(5)),
+            workers: 1,
+            transport: Transport::Tcp,
+            auth: None,
+            single: false,
+            protect: false,
+            dpdk: None,
+        }
+    }
 }
 
 /// Counters of a whole run.
@@ -47,16 +113,18 @@ pub struct InterceptStats {
     pub captured: u64,
     /// IPv4 TCP replies extracted.
     pub replies: u64,
-    /// Replies sent to a tcpcopy.
+    /// Replies handed to a tcpcopy connection.
     pub routed: u64,
     /// Replies held because their route had not arrived (SYN/RST).
     pub delayed: u64,
     /// Held replies delivered when their route arrived.
     pub delay_delivered: u64,
-    /// Replies with no route (not SYN/RST): dropped.
+    /// Replies with no route (not SYN/RST, or no tcpcopy in `--single`): dropped.
     pub no_route: u64,
-    /// Replies dropped because a tcpcopy connection's buffer was full.
+    /// Replies dropped because a tcpcopy connection's buffer was full or it was gone.
     pub send_dropped: u64,
+    /// Replies dropped because the ring to the control thread was full.
+    pub ring_full: u64,
     /// Frames that were not IPv4 TCP, or malformed.
     pub ignored: u64,
     /// CLIENT_ADD messages.
@@ -67,20 +135,27 @@ pub struct InterceptStats {
     pub connections: u64,
     /// tcpcopy connections lost.
     pub disconnections: u64,
-    /// Routes in the table.
+    /// `--single`: connections refused or replaced by the generation rule.
+    pub single_refused: u64,
+    /// Routes in the table (the largest replica).
     pub routes: usize,
-    /// Capture port.
+    /// Capture ports, summed.
     pub capture: PortStats,
+    /// The control channel's own counters.
+    pub control: ServerStats,
 }
 
 impl InterceptStats {
     /// The one-line report.
     pub fn line(&self) -> String {
         let mut line = String::new();
+        let c = &self.control;
         let _ = write!(
             line,
             "captured {} replies {} routed {} delayed {} delay-delivered {} no-route {} send-dropped {} \
-             ignored {} | routes {} add {} del {} | connections {} lost {} | capture-drops {}",
+             ring-full {} ignored {} | routes {} add {} del {} | connections {} lost {} \
+             auth-ok {} auth-refused {} single-refused {} | udp-rx {} udp-tx {} udp-lost {} \
+             udp-reordered {} udp-replayed {} udp-rejected {} | capture-drops {}",
             self.captured,
             self.replies,
             self.routed,
@@ -88,85 +163,315 @@ impl InterceptStats {
             self.delay_delivered,
             self.no_route,
             self.send_dropped,
+            self.ring_full,
             self.ignored,
             self.routes,
             self.client_add,
             self.client_del,
             self.connections,
             self.disconnections,
+            c.auth_ok,
+            c.auth_refused,
+            self.single_refused,
+            c.datagrams_received,
+            c.datagrams_sent,
+            c.datagrams_lost,
+            c.datagrams_reordered,
+            c.datagrams_replayed,
+            c.datagrams_rejected,
             self.capture.rx_dropped,
         );
         line
     }
+
+    fn add_capture(&mut self, c: &CaptureStats) {
+        self.captured += c.captured;
+        self.replies += c.replies;
+        self.delayed += c.delayed;
+        self.delay_delivered += c.delay_delivered;
+        self.no_route += c.no_route;
+        self.ring_full += c.ring_full;
+        self.ignored += c.ignored;
+        self.routes = self.routes.max(c.routes);
+        self.capture.rx_packets += c.port.rx_packets;
+        self.capture.rx_bytes += c.port.rx_bytes;
+        self.capture.rx_dropped += c.port.rx_dropped;
+    }
 }
 
-const CAPTURE_TOKEN: usize = 1;
+/// Counters of one capture thread.
+#[derive(Debug, Clone, Copy, Default)]
+struct CaptureStats {
+    captured: u64,
+    replies: u64,
+    delayed: u64,
+    delay_delivered: u64,
+    no_route: u64,
+    ring_full: u64,
+    ignored: u64,
+    routes: usize,
+    port: PortStats,
+}
+
+/// Counters of the control thread.
+#[derive(Debug, Clone, Copy, Default)]
+struct ControlStats {
+    routed: u64,
+    send_dropped: u64,
+    no_route: u64,
+    client_add: u64,
+    client_del: u64,
+    connections: u64,
+    disconnections: u64,
+    single_refused: u64,
+    server: ServerStats,
+}
+
+/// Where a record goes.
+#[derive(Debug, Clone, Copy)]
+enum Dest {
+    /// The connection its route names.
+    Conn(ConnId),
+    /// `--single`: spread by this C route key.
+    Single(u32),
+}
+
+/// A record on its way from a capture thread to the control thread.
+#[derive(Clone, Copy)]
+struct Item {
+    dest: Dest,
+    record: [u8; PAYLOAD_RECORD_LEN],
+}
+
+/// What the threads share.
+#[derive(Debug)]
+struct Shared {
+    stop: AtomicBool,
+    control_parked: AtomicBool,
+    control_waker: Arc<Waker>,
+    capture_stats: Vec<Mutex<CaptureStats>>,
+    control_stats: Mutex<ControlStats>,
+}
+
+/// The control thread's handle on one capture thread.
+#[derive(Debug)]
+struct CaptureLink {
+    items: Arc<ArrayQueue<Item>>,
+    parked: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
 
 /// A running intercept.
 #[derive(Debug)]
 pub struct Intercept {
-    stop: Arc<AtomicBool>,
-    stats: Arc<Mutex<InterceptStats>>,
-    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    shared: Arc<Shared>,
+    threads: Vec<std::thread::JoinHandle<anyhow::Result<()>>>,
+    capture_wakers: Vec<Arc<Waker>>,
+    /// The DPDK environment, dropped after the capture threads.
+    _keep: Option<Box<dyn std::any::Any + Send>>,
+}
+
+impl std::fmt::Debug for Item {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Item({:?})", self.dest)
+    }
 }
 
 impl Intercept {
-    /// Opens the capture and the listening socket and starts the loop.
+    /// Opens the captures and the control socket and starts the threads.
     ///
     /// # Errors
     /// A port that cannot be opened or an address that cannot be bound, named with the cause.
     pub fn start(config: InterceptConfig) -> anyhow::Result<Intercept> {
-        let capture = AfPacketRx::open(&AfPacketConfig {
-            interface: config.interface.clone(),
-            filter: Some(config.filter.clone()),
-            snaplen: 256,
-            ..AfPacketConfig::default()
-        })
-        .with_context(|| format!("cannot capture on -i {}", config.interface))?;
-        let server = ControlServer::bind(config.listen, config.record_format, config.framing)
-            .with_context(|| format!("cannot listen for tcpcopy on {}", config.listen))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(Mutex::new(InterceptStats::default()));
-        let thread_stop = stop.clone();
-        let thread_stats = stats.clone();
-        let thread = std::thread::Builder::new()
-            .name("intercept".into())
-            .spawn(move || run(config, capture, server, &thread_stop, &thread_stats))
-            .context("cannot start the intercept thread")?;
+        let workers = config.workers;
+        anyhow::ensure!(
+            (1..=MAX_WORKERS).contains(&workers),
+            "--workers {workers}: use 1..={MAX_WORKERS}"
+        );
+        // A fanout group id unique to this process (two intercepts may share a namespace).
+        let group = (std::process::id() & 0xffff) as u16;
+        let mut captures: Vec<Box<dyn RxPort>> = Vec::with_capacity(workers);
+        let mut keep = None;
+        let mut register_thread = None;
+        let soft_filter = config.dpdk.is_some().then(|| config.filter.clone());
+        if let Some(settings) = &config.dpdk {
+            // Fail now, naming the expression, rather than in the capture thread.
+            SoftFilter::compile(&config.filter)?;
+            let opened = crate::ports::open_dpdk(settings, "intercept", workers, false)?;
+            captures = opened.rx;
+            keep = opened.keep;
+            register_thread = opened.register_thread;
+        }
+        for w in 0..workers {
+            if config.dpdk.is_some() {
+                break;
+            }
+            let capture = AfPacketRx::open(&AfPacketConfig {
+                interface: config.interface.clone(),
+                filter: Some(config.filter.clone()),
+                snaplen: 256,
+                fanout: (workers > 1).then_some((group, FanoutMode::Hash)),
+                ..AfPacketConfig::default()
+            })
+            .with_context(|| {
+                format!(
+                    "cannot capture on -i {} (capture thread {w})",
+                    config.interface
+                )
+            })?;
+            captures.push(Box::new(capture));
+        }
+        let mut server_config =
+            ServerConfig::new(config.listen, config.record_format, config.framing);
+        server_config.transport = config.transport;
+        server_config.auth = config.auth.clone();
+        let server = ControlServer::with_config(server_config).with_context(|| {
+            format!(
+                "cannot listen for tcpcopy on {} ({})",
+                config.listen, config.transport
+            )
+        })?;
+        let replica_config = ReplicaConfig {
+            route_idle: config.route_timeout,
+            max_routes: 1 << 22,
+            ..ReplicaConfig::default()
+        };
+        let (feed, replicas) = RouteFeed::new(workers, &replica_config);
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            control_parked: AtomicBool::new(false),
+            control_waker: server.waker(),
+            capture_stats: (0..workers)
+                .map(|_| Mutex::new(CaptureStats::default()))
+                .collect(),
+            control_stats: Mutex::new(ControlStats::default()),
+        });
+
+        let mut links = Vec::with_capacity(workers);
+        let mut threads = Vec::with_capacity(workers + 1);
+        let mut capture_wakers = Vec::with_capacity(workers);
+        for (w, (capture, replica)) in captures.into_iter().zip(replicas).enumerate() {
+            let poll = Poll::new().context("mio poll")?;
+            let waker = Arc::new(Waker::new(poll.registry(), WAKE).context("mio waker")?);
+            let items = Arc::new(ArrayQueue::new(RING_CAPACITY));
+            let parked = Arc::new(AtomicBool::new(false));
+            links.push(CaptureLink {
+                items: items.clone(),
+                parked: parked.clone(),
+                waker: waker.clone(),
+            });
+            capture_wakers.push(waker);
+            let worker = CaptureWorker {
+                index: w,
+                poll,
+                capture,
+                replica,
+                items,
+                parked,
+                format: config.record_format,
+                single: config.single,
+                shared: shared.clone(),
+                stats: CaptureStats::default(),
+                soft_filter: soft_filter.clone(),
+                nap_only: false,
+            };
+            let register = register_thread.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("intercept-cap{w}"))
+                    .spawn(move || {
+                        if let Some(register) = register {
+                            register();
+                        }
+                        worker.run()
+                    })
+                    .context("cannot start a capture thread")?,
+            );
+        }
+        let control = ControlLoop {
+            server,
+            feed,
+            links,
+            single: config.single.then(|| SingleSpread::new(config.protect)),
+            shared: shared.clone(),
+            stats: ControlStats::default(),
+            stats_interval: config.stats_interval,
+        };
+        threads.push(
+            std::thread::Builder::new()
+                .name("intercept-control".into())
+                .spawn(move || control.run())
+                .context("cannot start the control thread")?,
+        );
         Ok(Intercept {
-            stop,
-            stats,
-            thread: Some(thread),
+            shared,
+            threads,
+            capture_wakers,
+            _keep: keep,
         })
     }
 
-    /// The counters so far.
+    /// The counters so far (published by the threads a few times per second).
     pub fn stats(&self) -> InterceptStats {
-        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+        merged_stats(&self.shared)
     }
 
-    /// True while the loop runs.
+    /// True while every thread runs.
     pub fn is_running(&self) -> bool {
-        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+        self.threads.iter().all(|t| !t.is_finished())
     }
 
-    /// Asks the loop to stop; it flushes pending batches first.
+    /// Asks the threads to stop; pending batches are flushed first.
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let _ = self.shared.control_waker.wake();
+        for w in &self.capture_wakers {
+            let _ = w.wake();
+        }
     }
 
-    /// Waits for the loop and returns the final counters.
+    /// Waits for the threads and returns the final counters.
     ///
     /// # Errors
-    /// The error the loop ended with.
+    /// The first error a thread ended with.
     pub fn join(mut self) -> anyhow::Result<InterceptStats> {
         self.stop();
-        if let Some(t) = self.thread.take() {
-            t.join()
-                .map_err(|_| anyhow::anyhow!("the intercept thread panicked"))??;
+        let mut first_error = None;
+        for t in self.threads.drain(..) {
+            let result = t
+                .join()
+                .map_err(|_| anyhow::anyhow!("an intercept thread panicked"))
+                .and_then(|r| r);
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(self.stats())
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(self.stats()),
+        }
     }
+}
+
+fn merged_stats(shared: &Shared) -> InterceptStats {
+    let mut s = InterceptStats::default();
+    for c in &shared.capture_stats {
+        if let Ok(c) = c.lock() {
+            s.add_capture(&c);
+        }
+    }
+    if let Ok(c) = shared.control_stats.lock() {
+        s.routed = c.routed;
+        s.send_dropped = c.send_dropped;
+        s.no_route += c.no_route;
+        s.client_add = c.client_add;
+        s.client_del = c.client_del;
+        s.connections = c.connections;
+        s.disconnections = c.disconnections;
+        s.single_refused = c.single_refused;
+        s.control = c.server;
+    }
+    s
 }
 
 /// What a captured frame is to intercept.
@@ -186,7 +491,7 @@ fn extract(frame: &[u8], record_format: RecordFormat, record: &mut [u8]) -> Extr
     if encode_record(&frame[eth.header_len()..], record_format, record).is_err() {
         return Extracted::Ignored;
     }
-    let Ok(header) = ResponseHeader::parse(record) else {
+    let Ok(header) = ResponseHeader::parse(&record[..record_format.record_len()]) else {
         return Extracted::Ignored;
     };
     Extracted::Reply {
@@ -195,147 +500,395 @@ fn extract(frame: &[u8], record_format: RecordFormat, record: &mut [u8]) -> Extr
     }
 }
 
-fn run(
-    config: InterceptConfig,
-    mut capture: AfPacketRx,
-    mut server: ControlServer,
-    stop: &AtomicBool,
-    shared: &Mutex<InterceptStats>,
-) -> anyhow::Result<()> {
-    if let Some(fd) = capture.wait_fd() {
-        server
-            .register_fd(fd, CAPTURE_TOKEN)
-            .context("register the capture socket")?;
-    }
-    let mut routes = RouteTable::new(config.route_timeout, 1 << 22);
-    let mut delayed = DelayQueue::new(Duration::from_secs(30), 1 << 16, 4);
-    let mut stats = InterceptStats::default();
-    let mut record = vec![0u8; config.record_format.record_len()];
-    let mut events: Vec<ServerEvent> = Vec::with_capacity(64);
-    let mut last_report = Instant::now();
-    let mut last_publish = Instant::now();
-    let mut last_expire = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        // Capture first, without waiting: the ring may hold frames whose edge we consumed.
-        loop {
-            let now = Instant::now();
-            let n = capture
-                .rx_burst(256, &mut |frame| {
-                    stats.captured += 1;
-                    match extract(frame.data, config.record_format, &mut record) {
-                        Extracted::Ignored => stats.ignored += 1,
-                        Extracted::Reply { key, syn_or_rst } => {
-                            stats.replies += 1;
-                            if let Some(conn) = routes.get(&key, now) {
-                                if server.send_record(conn, &record) {
-                                    stats.routed += 1;
-                                } else {
-                                    stats.send_dropped += 1;
-                                }
-                            } else if syn_or_rst {
-                                if delayed.push(key, &record, now) {
-                                    stats.delayed += 1;
-                                }
-                            } else {
-                                stats.no_route += 1;
-                            }
-                        }
-                    }
-                })
-                .context("capture failed")?;
-            if n < 256 {
-                break;
-            }
-        }
-        let now = Instant::now();
-        server.flush_due(now);
-        let timeout = server
-            .next_flush_deadline()
-            .map(|d| d.saturating_duration_since(now))
-            .unwrap_or(Duration::from_millis(50))
-            .min(Duration::from_millis(50));
-        server
-            .poll(Some(timeout), &mut |event| events.push(event))
-            .context("control poll failed")?;
-        for event in events.drain(..) {
-            match event {
-                ServerEvent::Message(conn, message) => handle_message(
-                    conn,
-                    message,
-                    Instant::now(),
-                    &mut routes,
-                    &mut delayed,
-                    &mut server,
-                    &mut stats,
-                ),
-                ServerEvent::Connected(_, peer) => {
-                    stats.connections += 1;
-                    tracing::info!("tcpcopy connected from {peer}");
-                }
-                ServerEvent::Disconnected(conn) => {
-                    stats.disconnections += 1;
-                    let n = routes.remove_conn(conn);
-                    tracing::warn!("a tcpcopy connection was lost; {n} routes removed");
-                }
-                ServerEvent::Readable(_) => {}
-            }
-        }
-        let now = Instant::now();
-        if now.duration_since(last_expire) >= Duration::from_secs(1) {
-            last_expire = now;
-            routes.expire(now, 4096);
-            delayed.expire(now);
-        }
-        if now.duration_since(last_publish) >= Duration::from_millis(200) {
-            last_publish = now;
-            stats.routes = routes.len();
-            stats.capture = capture.stats();
-            if let Ok(mut s) = shared.lock() {
-                *s = stats.clone();
-            }
-        }
-        if let Some(every) = config.stats_interval {
-            if now.duration_since(last_report) >= every {
-                last_report = now;
-                tracing::info!("{}", stats.line());
-            }
-        }
-    }
-    server.flush_all();
-    stats.routes = routes.len();
-    stats.capture = capture.stats();
-    if let Ok(mut s) = shared.lock() {
-        *s = stats;
-    }
-    Ok(())
+/// One capture thread.
+struct CaptureWorker {
+    index: usize,
+    poll: Poll,
+    capture: Box<dyn RxPort>,
+    /// A pcap filter to run in user space (ports without a kernel filter: DPDK).
+    soft_filter: Option<String>,
+    /// The capture port cannot be waited on (DPDK): park by napping.
+    nap_only: bool,
+    replica: RouteReplica,
+    items: Arc<ArrayQueue<Item>>,
+    parked: Arc<AtomicBool>,
+    format: RecordFormat,
+    single: bool,
+    shared: Arc<Shared>,
+    stats: CaptureStats,
 }
 
-fn handle_message(
-    conn: ConnId,
-    message: ClientMessage,
-    now: Instant,
-    routes: &mut RouteTable,
-    delayed: &mut DelayQueue,
-    server: &mut ControlServer,
-    stats: &mut InterceptStats,
-) {
-    match message.kind {
-        MessageType::ClientAdd => {
-            stats.client_add += 1;
-            let key = message.flow_key();
-            routes.insert(key, conn, now);
-            for record in delayed.take(&key) {
-                if server.send_record(conn, &record) {
-                    stats.delay_delivered += 1;
-                } else {
-                    stats.send_dropped += 1;
+impl CaptureWorker {
+    fn run(mut self) -> anyhow::Result<()> {
+        if let Some(fd) = self.capture.wait_fd() {
+            self.poll
+                .registry()
+                .register(&mut SourceFd(&fd), CAPTURE, Interest::READABLE)
+                .context("register the capture socket")?;
+        }
+        self.nap_only = self.capture.wait_fd().is_none();
+        let filter = self
+            .soft_filter
+            .as_deref()
+            .map(SoftFilter::compile)
+            .transpose()?;
+        let mut events = Events::with_capacity(8);
+        let mut item = Item {
+            dest: Dest::Single(0),
+            record: [0u8; PAYLOAD_RECORD_LEN],
+        };
+        let mut last_publish = Instant::now();
+        let mut last_expire = Instant::now();
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            let mut pushed = self.sync(now);
+            let n = {
+                let Self {
+                    capture,
+                    replica,
+                    items,
+                    stats,
+                    format,
+                    single,
+                    ..
+                } = &mut self;
+                capture
+                    .rx_burst(BURST, &mut |frame| {
+                        if filter.as_ref().is_some_and(|f| !f.matches(frame.data)) {
+                            return;
+                        }
+                        stats.captured += 1;
+                        match extract(frame.data, *format, &mut item.record) {
+                            Extracted::Ignored => stats.ignored += 1,
+                            Extracted::Reply { key, syn_or_rst } => {
+                                stats.replies += 1;
+                                let dest = if *single {
+                                    Some(Dest::Single(c_route_key(&key)))
+                                } else {
+                                    replica.route(&key, now).map(Dest::Conn)
+                                };
+                                match dest {
+                                    Some(dest) => {
+                                        item.dest = dest;
+                                        if items.push(item).is_ok() {
+                                            pushed = true;
+                                        } else {
+                                            stats.ring_full += 1;
+                                        }
+                                    }
+                                    None if syn_or_rst => {
+                                        let record = &item.record[..format.record_len()];
+                                        if replica.delay(key, record, now) {
+                                            stats.delayed += 1;
+                                        } else {
+                                            stats.no_route += 1;
+                                        }
+                                    }
+                                    None => stats.no_route += 1,
+                                }
+                            }
+                        }
+                    })
+                    .context("capture failed")?
+            };
+            if pushed && self.shared.control_parked.load(Ordering::SeqCst) {
+                let _ = self.shared.control_waker.wake();
+            }
+            if now.duration_since(last_expire) >= Duration::from_secs(1) {
+                last_expire = now;
+                self.replica.expire(now, 4096);
+            }
+            if now.duration_since(last_publish) >= PUBLISH_EVERY {
+                last_publish = now;
+                self.publish();
+            }
+            if n < BURST {
+                self.park(&mut events)?;
+            }
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Applies route updates; records released from the delay queue go to the control
+    /// thread. `true` if any did.
+    fn sync(&mut self, now: Instant) -> bool {
+        let Self {
+            replica,
+            items,
+            stats,
+            format,
+            ..
+        } = self;
+        let mut pushed = false;
+        let len = format.record_len();
+        replica.sync(now, &mut |conn, record| {
+            let mut item = Item {
+                dest: Dest::Conn(conn),
+                record: [0u8; PAYLOAD_RECORD_LEN],
+            };
+            item.record[..len].copy_from_slice(&record[..len]);
+            if items.push(item).is_ok() {
+                stats.delay_delivered += 1;
+                pushed = true;
+            } else {
+                stats.ring_full += 1;
+            }
+        });
+        pushed
+    }
+
+    /// Waits for frames or a route update: briefly when replies wait for their route.
+    fn park(&mut self, events: &mut Events) -> anyhow::Result<()> {
+        if self.nap_only {
+            // A poll-mode device cannot be waited on: nap briefly instead of spinning.
+            std::thread::sleep(Duration::from_micros(50));
+            return Ok(());
+        }
+        self.parked.store(true, Ordering::SeqCst);
+        let timeout = if self.replica.has_updates() {
+            Duration::ZERO
+        } else if self.replica.delay_queue().is_empty() {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_millis(1)
+        };
+        let result = self.poll.poll(events, Some(timeout));
+        self.parked.store(false, Ordering::SeqCst);
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(e).context("waiting for the capture socket"),
+        }
+    }
+
+    fn publish(&mut self) {
+        self.stats.routes = self.replica.table().len();
+        self.stats.port = self.capture.stats();
+        if let Ok(mut s) = self.shared.capture_stats[self.index].lock() {
+            *s = self.stats;
+        }
+    }
+}
+
+/// The control thread.
+struct ControlLoop {
+    server: ControlServer,
+    feed: RouteFeed,
+    links: Vec<CaptureLink>,
+    single: Option<SingleSpread>,
+    shared: Arc<Shared>,
+    stats: ControlStats,
+    stats_interval: Option<Duration>,
+}
+
+impl ControlLoop {
+    fn run(mut self) -> anyhow::Result<()> {
+        let mut events: Vec<ServerEvent> = Vec::with_capacity(64);
+        let mut last_report = Instant::now();
+        let mut last_publish = Instant::now();
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            self.drain_items();
+            self.feed.retry();
+            let now = Instant::now();
+            self.server.flush_due(now);
+            // Park only if no capture thread left anything (checked after raising the flag,
+            // so a thread that pushes now sees it and wakes us).
+            self.shared.control_parked.store(true, Ordering::SeqCst);
+            let busy = self.links.iter().any(|l| !l.items.is_empty());
+            let timeout = if busy {
+                Duration::ZERO
+            } else if self.feed.pending() > 0 {
+                Duration::from_millis(1)
+            } else {
+                self.server
+                    .next_flush_deadline()
+                    .map(|d| d.saturating_duration_since(now))
+                    .unwrap_or(Duration::from_millis(50))
+                    .min(Duration::from_millis(50))
+            };
+            let polled = self
+                .server
+                .poll(Some(timeout), &mut |event| events.push(event));
+            self.shared.control_parked.store(false, Ordering::SeqCst);
+            polled.context("control poll failed")?;
+            let mut added = false;
+            for event in events.drain(..) {
+                added |= self.handle(event);
+            }
+            if added {
+                // Replies may be waiting for these routes in a parked capture thread.
+                for l in &self.links {
+                    if l.parked.load(Ordering::SeqCst) {
+                        let _ = l.waker.wake();
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now.duration_since(last_publish) >= PUBLISH_EVERY {
+                last_publish = now;
+                self.publish();
+            }
+            if let Some(every) = self.stats_interval {
+                if now.duration_since(last_report) >= every {
+                    last_report = now;
+                    tracing::info!("{}", merged_stats(&self.shared).line());
                 }
             }
         }
-        MessageType::ClientDel => {
-            stats.client_del += 1;
-            routes.remove(&message.flow_key());
+        // Last records from the capture threads, then out with every batch.
+        self.drain_items();
+        self.server.flush_all();
+        let _ = self.server.poll(Some(Duration::ZERO), &mut |_| {});
+        self.publish();
+        Ok(())
+    }
+
+    fn drain_items(&mut self) {
+        let len = self.server.config().format.record_len();
+        for l in 0..self.links.len() {
+            while let Some(item) = self.links[l].items.pop() {
+                let conn = match item.dest {
+                    Dest::Conn(c) => Some(c),
+                    Dest::Single(route_key) => self
+                        .single
+                        .as_ref()
+                        .and_then(|s| SingleSpread::pick_in(s.connections(), route_key)),
+                };
+                let Some(conn) = conn else {
+                    self.stats.no_route += 1;
+                    continue;
+                };
+                if self.server.send_record(conn, &item.record[..len]) {
+                    self.stats.routed += 1;
+                } else {
+                    self.stats.send_dropped += 1;
+                }
+            }
         }
-        _ => {}
+    }
+
+    /// Handles one control event; `true` if a route was added.
+    fn handle(&mut self, event: ServerEvent) -> bool {
+        match event {
+            ServerEvent::Message(conn, message) => self.message(conn, message),
+            ServerEvent::Connected(conn, peer) => {
+                self.stats.connections += 1;
+                tracing::info!("tcpcopy connected from {peer} ({conn})");
+                if let Some(single) = self.single.as_mut() {
+                    match single.on_connect(conn, Instant::now()) {
+                        Admission::Accept => {}
+                        Admission::NewGeneration { close } => {
+                            if !close.is_empty() {
+                                tracing::warn!(
+                                    "--single: a new tcpcopy connected from {peer}; closing the {} \
+                                     connections of the previous one",
+                                    close.len()
+                                );
+                            }
+                            self.stats.single_refused += close.len() as u64;
+                            for c in close {
+                                self.server.disconnect(c);
+                            }
+                        }
+                        Admission::Refuse => {
+                            tracing::warn!(
+                                "--single: refusing {peer}: the previous tcpcopy is still \
+                                 connected (-c) or 16 connections are open"
+                            );
+                            self.stats.single_refused += 1;
+                            self.server.disconnect(conn);
+                        }
+                    }
+                }
+                false
+            }
+            ServerEvent::Disconnected(conn) => {
+                self.stats.disconnections += 1;
+                match self.single.as_mut() {
+                    Some(single) => single.on_disconnect(conn),
+                    None => self.feed.publish(RouteUpdate::RemoveConn(conn)),
+                }
+                tracing::warn!("a tcpcopy connection was lost ({conn}); its routes are removed");
+                false
+            }
+            ServerEvent::Readable(_) => false,
+        }
+    }
+
+    fn message(&mut self, conn: ConnId, message: ClientMessage) -> bool {
+        match message.kind {
+            MessageType::ClientAdd => {
+                self.stats.client_add += 1;
+                if self.single.is_none() {
+                    self.feed
+                        .publish(RouteUpdate::Add(message.flow_key(), conn));
+                    return true;
+                }
+                false
+            }
+            MessageType::ClientDel => {
+                self.stats.client_del += 1;
+                if self.single.is_none() {
+                    self.feed.publish(RouteUpdate::Remove(message.flow_key()));
+                }
+                false
+            }
+            _ => {
+                tracing::debug!("unknown message type {:?} ignored", message.kind);
+                false
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        self.stats.server = self.server.stats();
+        if let Ok(mut s) = self.shared.control_stats.lock() {
+            *s = self.stats;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extracts_a_reply_and_ignores_the_rest() {
+        // Ethernet + IPv4 + TCP SYN-ACK 10.77.0.30:8080 > 10.77.0.10:40000.
+        let mut frame = vec![0u8; 14];
+        frame[12..14].copy_from_slice(&[0x08, 0x00]);
+        frame.extend_from_slice(&[
+            0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 77, 0, 30, 10, 77, 0, 10, 0x1f, 0x90,
+            0x9c, 0x40, 0, 0, 0, 1, 0, 0, 0, 2, 0x50, 0x12, 0xff, 0xff, 0, 0, 0, 0,
+        ]);
+        let mut record = [0u8; PAYLOAD_RECORD_LEN];
+        match extract(&frame, RecordFormat::Header64, &mut record) {
+            Extracted::Reply { key, syn_or_rst } => {
+                assert!(syn_or_rst);
+                assert_eq!(key.client(), "10.77.0.10:40000".parse().unwrap());
+                assert_eq!(key.target(), "10.77.0.30:8080".parse().unwrap());
+            }
+            Extracted::Ignored => panic!("not extracted"),
+        }
+        frame[12] = 0x86;
+        assert!(matches!(
+            extract(&frame, RecordFormat::Header64, &mut record),
+            Extracted::Ignored
+        ));
+    }
+
+    #[test]
+    fn stats_line_names_the_new_counters() {
+        let line = InterceptStats::default().line();
+        for word in [
+            "auth-refused",
+            "udp-lost",
+            "udp-rejected",
+            "ring-full",
+            " lost ",
+        ] {
+            assert!(line.contains(word), "{line}");
+        }
     }
 }

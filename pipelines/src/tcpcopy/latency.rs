@@ -99,7 +99,7 @@ mod tests {
         );
         assert_eq!(a.reply.len(), 1);
         let s = a.summary();
-        assert!(s.starts_with("capture->tx p50 50 p90 90 p99 99"), "{s}");
+        assert!(s.starts_with("capture->tx p50 51 p90 91 p99 100 "), "{s}");
         assert!(s.contains("reply p50 2000"), "{s}");
     }
 }

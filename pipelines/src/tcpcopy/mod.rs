@@ -79,6 +79,12 @@ pub struct TcpcopyConfig {
     pub workers: usize,
     /// Cores to pin the workers to (worker `i` on `cores[i % len]`); `None`: no pinning.
     pub cores: Option<Vec<usize>>,
+    /// Capture and transmit through DPDK devices instead of `interface` and the raw socket.
+    pub dpdk: Option<crate::ports::DpdkSettings>,
+    /// Control channel transport.
+    pub transport: engine::control::Transport,
+    /// Control channel shared secret (authentication on when set).
+    pub auth: Option<engine::control::Secret>,
 }
 
 /// What one worker counted, published a few times a second.
@@ -127,71 +133,6 @@ pub struct TcpcopyStats {
     pub workers: Vec<WorkerReport>,
 }
 
-/// Adds `b`'s session counts to `a` (to sum over workers). The destructuring makes a new
-/// counter a compile error here until it is summed too.
-fn merge_sessions(a: &mut SessionStats, b: &SessionStats) {
-    let SessionStats {
-        created,
-        removed,
-        established,
-        closed,
-        client_resets,
-        target_resets,
-        timed_out,
-        gave_up,
-        port_reuse_resets,
-        port_reuse_replaced,
-        table_full,
-        client_no_session,
-        client_syn_retransmits,
-        client_retransmits,
-        client_acks_absorbed,
-        client_hole_fills,
-        queue_full,
-        sent_segments,
-        sent_data,
-        sent_syn,
-        sent_fin,
-        sent_rst,
-        sent_acks,
-        retransmits,
-        pace_releases,
-        responses,
-        response_data,
-        response_no_session,
-        bad_synack,
-    } = *b;
-    a.created += created;
-    a.removed += removed;
-    a.established += established;
-    a.closed += closed;
-    a.client_resets += client_resets;
-    a.target_resets += target_resets;
-    a.timed_out += timed_out;
-    a.gave_up += gave_up;
-    a.port_reuse_resets += port_reuse_resets;
-    a.port_reuse_replaced += port_reuse_replaced;
-    a.table_full += table_full;
-    a.client_no_session += client_no_session;
-    a.client_syn_retransmits += client_syn_retransmits;
-    a.client_retransmits += client_retransmits;
-    a.client_acks_absorbed += client_acks_absorbed;
-    a.client_hole_fills += client_hole_fills;
-    a.queue_full += queue_full;
-    a.sent_segments += sent_segments;
-    a.sent_data += sent_data;
-    a.sent_syn += sent_syn;
-    a.sent_fin += sent_fin;
-    a.sent_rst += sent_rst;
-    a.sent_acks += sent_acks;
-    a.retransmits += retransmits;
-    a.pace_releases += pace_releases;
-    a.responses += responses;
-    a.response_data += response_data;
-    a.response_no_session += response_no_session;
-    a.bad_synack += bad_synack;
-}
-
 fn add_ports(a: &mut PortStats, b: &PortStats) {
     a.rx_packets += b.rx_packets;
     a.rx_bytes += b.rx_bytes;
@@ -212,7 +153,7 @@ impl TcpcopyStats {
         self.control_queue_full = 0;
         for w in &self.workers {
             self.ingress.merge(&w.ingress);
-            merge_sessions(&mut self.sessions, &w.sessions);
+            self.sessions.add(&w.sessions);
             add_ports(&mut self.capture, &w.capture);
             add_ports(&mut self.transmit, &w.transmit);
             self.table_len += w.table_len;
@@ -261,9 +202,10 @@ impl TcpcopyStats {
             "captured {} capture-drops {} accepted {} (data {}) dropped: malformed {}: truncated {} bad-version {} bad-ihl {} \
              bad-total-len {} bad-data-offset {} bad-options {} cut-short {} | no-transfer {} not-tcp {} fragments {} | \
              sessions {} created {} established {} closed {} client-rst {} target-rst {} timed-out {} gave-up {} \
-             port-reuse-reset {} port-reuse-replaced {} table-full {} no-session {} queue-full {} client-retransmits {} | sent {} data {} syn {} fin {} rst {} acks {} \
+             port-reuse-reset {} port-reuse-replaced {} stale-at-target {} table-full {} no-session {} queue-full {} client-retransmits {} | sent {} data {} syn {} fin {} rst {} acks {} \
              retransmits {} pace-releases {} tx-errors {} | replies {} (data {}) unmatched {} | \
-             control up {} sent {} dropped {} reconnects {} queue-full {}",
+             control up {} sent {} dropped {} reconnects {} queue-full {} udp-lost {} udp-rejected {} \
+             udp-replayed {} auth-failures {}",
             i.captured,
             self.capture.rx_dropped,
             i.accepted,
@@ -289,6 +231,7 @@ impl TcpcopyStats {
             s.gave_up,
             s.port_reuse_resets,
             s.port_reuse_replaced,
+            s.stale_target_resets,
             s.table_full,
             s.client_no_session,
             s.queue_full,
@@ -310,6 +253,10 @@ impl TcpcopyStats {
             self.control.messages_dropped,
             self.control.reconnects,
             self.control_queue_full,
+            self.control.datagrams_lost,
+            self.control.datagrams_rejected,
+            self.control.datagrams_replayed,
+            self.control.auth_failures,
         );
         line
     }
@@ -323,6 +270,47 @@ pub struct Tcpcopy {
     workers: Vec<std::thread::JoinHandle<anyhow::Result<()>>>,
     control: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
     wakers: Vec<Arc<Waker>>,
+    /// The DPDK environment, dropped after the workers (and their ports) are gone.
+    _keep: Option<Box<dyn std::any::Any + Send>>,
+}
+
+/// The kernel's ports: a capture socket per worker (one fanout group, sharded by client port)
+/// and a raw IP socket per worker.
+fn open_kernel_ports(
+    config: &TcpcopyConfig,
+    workers: usize,
+) -> anyhow::Result<crate::ports::OpenedPorts> {
+    let group = (std::process::id() & 0xffff) as u16;
+    let mut rx: Vec<Box<dyn RxPort>> = Vec::with_capacity(workers);
+    let mut tx: Vec<Box<dyn TxPort>> = Vec::with_capacity(workers);
+    for i in 0..workers {
+        let fanout = (workers > 1).then_some((
+            group,
+            FanoutMode::PortShard {
+                workers: workers as u16,
+            },
+        ));
+        let capture = AfPacketRx::open(&AfPacketConfig {
+            interface: config.interface.clone(),
+            filter: Some(config.filter.clone()),
+            fanout,
+            ..AfPacketConfig::default()
+        })
+        .with_context(|| format!("cannot capture on -i {} (worker {i})", config.interface))?;
+        rx.push(Box::new(capture));
+        let transmit = RawIpTx::open(&RawIpConfig {
+            bind_device: config.output_interface.clone(),
+            ..RawIpConfig::default()
+        })
+        .context("cannot open the raw IP socket that sends to the target")?;
+        tx.push(Box::new(transmit));
+    }
+    Ok(crate::ports::OpenedPorts {
+        rx,
+        tx,
+        keep: None,
+        register_thread: None,
+    })
 }
 
 /// What the threads publish for the main thread (not on any packet path).
@@ -348,29 +336,23 @@ impl Tcpcopy {
     /// A port that cannot be opened (named, with the cause), or threads that cannot start.
     pub fn start(config: TcpcopyConfig) -> anyhow::Result<Tcpcopy> {
         let workers = config.workers.max(1);
-        let group = (std::process::id() & 0xffff) as u16;
-        let mut captures = Vec::with_capacity(workers);
-        for i in 0..workers {
-            let fanout = (workers > 1).then_some((
-                group,
-                FanoutMode::PortShard {
-                    workers: workers as u16,
-                },
-            ));
-            let capture = AfPacketRx::open(&AfPacketConfig {
-                interface: config.interface.clone(),
-                filter: Some(config.filter.clone()),
-                fanout,
-                ..AfPacketConfig::default()
-            })
-            .with_context(|| format!("cannot capture on -i {} (worker {i})", config.interface))?;
-            captures.push(capture);
-        }
+        let opened = match &config.dpdk {
+            Some(settings) => crate::ports::open_dpdk(settings, "tcpcopy", workers, true)?,
+            None => open_kernel_ports(&config, workers)?,
+        };
+        let crate::ports::OpenedPorts {
+            rx: captures,
+            tx: transmits,
+            keep,
+            register_thread,
+        } = opened;
         let mut client_config = ClientConfig::new(config.intercepts.clone());
         client_config.connections_per_server = config.connections;
         client_config.format = config.record_format;
         client_config.framing = config.framing;
         client_config.lonely = true;
+        client_config.transport = config.transport;
+        client_config.auth = config.auth.clone();
         let client =
             ControlClient::new(client_config).context("cannot set up the control channel")?;
         let control_waker = client.waker();
@@ -383,12 +365,7 @@ impl Tcpcopy {
         let mut links = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
         let mut wakers = vec![control_waker.clone()];
-        for (id, capture) in captures.into_iter().enumerate() {
-            let transmit = RawIpTx::open(&RawIpConfig {
-                bind_device: config.output_interface.clone(),
-                ..RawIpConfig::default()
-            })
-            .context("cannot open the raw IP socket that sends to the target")?;
+        for (id, (capture, transmit)) in captures.into_iter().zip(transmits).enumerate() {
             let (to_control, messages) = channel::bounded::<ClientMessage>(1 << 16);
             let (reply_tx, reply_rx) = channel::bounded::<Response>(1 << 16);
             let poll = Poll::new().context("mio poll")?;
@@ -404,8 +381,8 @@ impl Tcpcopy {
             let worker = Worker {
                 id,
                 poll,
-                capture: Box::new(capture),
-                transmit: Box::new(transmit),
+                capture,
+                transmit,
                 batch: TxBatch::new(BURST * 2),
                 ingress: Ingress::new(config.transfers.clone(), config.clients.clone()),
                 table: SessionTable::new(config.session.clone()),
@@ -427,10 +404,14 @@ impl Tcpcopy {
                 .map(|c| c[id % c.len()]);
             let worker_stop = stop.clone();
             let worker_shared = shared.clone();
+            let register = register_thread.clone();
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("tcpcopy-worker{id}"))
                     .spawn(move || {
+                        if let Some(register) = register {
+                            register();
+                        }
                         if let Some(core) = core {
                             if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
                                 tracing::warn!("worker {id}: cannot pin to core {core}");
@@ -454,6 +435,7 @@ impl Tcpcopy {
             workers: handles,
             control: Some(control),
             wakers,
+            _keep: keep,
         })
     }
 
@@ -545,6 +527,7 @@ struct WorkerOutput<'a> {
     to_control: &'a Sender<ClientMessage>,
     queued_control: &'a mut usize,
     control_queue_full: &'a mut u64,
+    latency: &'a mut Latency,
 }
 
 impl Output for WorkerOutput<'_> {
@@ -561,6 +544,10 @@ impl Output for WorkerOutput<'_> {
 
     fn unregister(&mut self, key: FlowKey) {
         self.send_control(ClientMessage::del(key));
+    }
+
+    fn reply_latency(&mut self, latency: Duration) {
+        self.latency.record_reply(latency);
     }
 }
 
@@ -592,6 +579,7 @@ fn unix_now_ns() -> u64 {
 
 impl Worker {
     fn run(mut self, stop: &AtomicBool, shared: &Shared) -> anyhow::Result<()> {
+        let has_wait_fd = self.capture.wait_fd().is_some();
         if let Some(fd) = self.capture.wait_fd() {
             self.poll
                 .registry()
@@ -620,6 +608,11 @@ impl Worker {
                 std::hint::spin_loop();
                 continue;
             }
+            if !has_wait_fd {
+                // A poll-mode device cannot be waited on: nap briefly instead of spinning.
+                std::thread::sleep(Duration::from_micros(50));
+                continue;
+            }
             self.parked.store(true, Ordering::SeqCst);
             if self.replies.is_empty() {
                 let timeout = match self.table.next_deadline() {
@@ -639,6 +632,7 @@ impl Worker {
             to_control: &self.to_control,
             queued_control: &mut queued,
             control_queue_full: &mut self.control_queue_full,
+            latency: &mut self.latency,
         };
         self.table.shutdown(now, &mut out);
         let _ = self.transmit.tx_burst(&mut self.batch);
@@ -659,6 +653,7 @@ impl Worker {
             to_control,
             packet,
             stamps,
+            latency,
             ..
         } = self;
         let mut out = WorkerOutput {
@@ -667,6 +662,7 @@ impl Worker {
             to_control,
             queued_control: &mut queued_control,
             control_queue_full: &mut self.control_queue_full,
+            latency,
         };
         stamps.clear();
         let received = capture

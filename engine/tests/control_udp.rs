@@ -1,0 +1,579 @@
+//! The control channel over loopback UDP: `ControlClient` against `ControlServer` with the
+//! UDP transport, loss counting through a deterministic lossy relay (every 100th datagram of a
+//! direction is dropped, so the expected loss is exact), forged and replayed datagrams, and a
+//! restarted intercept.
+//!
+//! Every wait is a bounded loop (at most ~10 s), not a timed assertion.
+
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use engine::control::{
+    encode_record, ClientConfig, ClientMessage, ConnId, ControlClient, ControlServer, Framing,
+    RecordFormat, ResponseHeader, Secret, ServerConfig, ServerEvent, Transport,
+};
+use engine::flow::FlowKey;
+
+const BOUND: Duration = Duration::from_secs(10);
+const TICK: Option<Duration> = Some(Duration::from_millis(2));
+
+fn key(client: &str, target: &str) -> FlowKey {
+    FlowKey::new(client.parse().unwrap(), target.parse().unwrap())
+}
+
+fn loopback_any() -> SocketAddrV4 {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// A SYN-ACK record for `key` with sequence `seq`.
+fn record(key: FlowKey, seq: u32) -> Vec<u8> {
+    let mut p = vec![
+        0x45, 0x00, 0x00, 0x28, 0x00, 0x00, 0x40, 0x00, 0x40, 0x06, 0x00, 0x00,
+    ];
+    p.extend_from_slice(&key.target_ip.octets());
+    p.extend_from_slice(&key.client_ip.octets());
+    p.extend_from_slice(&key.target_port.to_be_bytes());
+    p.extend_from_slice(&key.client_port.to_be_bytes());
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&[
+        0x00, 0x00, 0x03, 0xe9, 0x50, 0x12, 0xfa, 0xf0, 0x00, 0x00, 0x00, 0x00,
+    ]);
+    let mut r = vec![0u8; 64];
+    encode_record(&p, RecordFormat::Header64, &mut r).unwrap();
+    r
+}
+
+fn udp_server(secret: Option<&Secret>) -> ControlServer {
+    let mut config = ServerConfig::new(loopback_any(), RecordFormat::Header64, Framing::Combined);
+    config.transport = Transport::Udp;
+    config.auth = secret.cloned();
+    ControlServer::with_config(config).unwrap()
+}
+
+fn udp_client(servers: Vec<SocketAddrV4>, secret: Option<&Secret>) -> ControlClient {
+    let mut config = ClientConfig::new(servers);
+    config.transport = Transport::Udp;
+    config.auth = secret.cloned();
+    config.reconnect_initial = Duration::from_millis(5);
+    config.udp_keepalive = Duration::from_millis(20);
+    config.udp_dead_after = Duration::from_millis(600);
+    config.lonely = true;
+    ControlClient::new(config).unwrap()
+}
+
+/// Polls both ends until `done` says so or the bound passes; `true` if done.
+fn pump(
+    client: &mut ControlClient,
+    server: &mut ControlServer,
+    events: &mut Vec<ServerEvent>,
+    records: &mut Vec<ResponseHeader>,
+    mut done: impl FnMut(&ControlClient, &ControlServer, &[ServerEvent], &[ResponseHeader]) -> bool,
+) -> bool {
+    let deadline = Instant::now() + BOUND;
+    while Instant::now() < deadline {
+        if done(client, server, events, records) {
+            return true;
+        }
+        client.poll(TICK, &mut |h| records.push(*h)).unwrap();
+        server.poll(TICK, &mut |e| events.push(e)).unwrap();
+    }
+    done(client, server, events, records)
+}
+
+fn connected(events: &[ServerEvent]) -> Option<ConnId> {
+    events.iter().find_map(|e| match e {
+        ServerEvent::Connected(id, _) => Some(*id),
+        _ => None,
+    })
+}
+
+/// Relays datagrams between a client (who sends to `addr()`) and `upstream`, dropping every
+/// `drop_up`-th datagram going up and every `drop_down`-th coming down (1-based counts; 0:
+/// never), counting exactly what it dropped. Keeps the last datagram it forwarded down.
+struct LossyRelay {
+    addr: SocketAddrV4,
+    stop: Arc<AtomicBool>,
+    up: Arc<[AtomicU64; 2]>,
+    down: Arc<[AtomicU64; 2]>,
+    last_down: Arc<Mutex<Vec<u8>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl LossyRelay {
+    fn start(upstream: SocketAddrV4, drop_up: u64, drop_down: u64) -> LossyRelay {
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
+        back.connect(upstream).unwrap();
+        for s in [&front, &back] {
+            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        }
+        let addr = match front.local_addr().unwrap() {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => unreachable!(),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let up: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let down: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let last_down = Arc::new(Mutex::new(Vec::new()));
+        let client: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
+        let (front2, back2) = (front.try_clone().unwrap(), back.try_clone().unwrap());
+        let t_up = {
+            let (stop, up, client) = (stop.clone(), up.clone(), client.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                let mut n_seen = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((n, from)) = front.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    *client.lock().unwrap() = Some(from);
+                    n_seen += 1;
+                    if drop_up != 0 && n_seen.is_multiple_of(drop_up) {
+                        up[1].fetch_add(1, Ordering::SeqCst);
+                        continue;
+                    }
+                    if back.send(&buf[..n]).is_ok() {
+                        up[0].fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+        };
+        let t_down = {
+            let (stop, down, last) = (stop.clone(), down.clone(), last_down.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                let mut n_seen = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(n) = back2.recv(&mut buf) else {
+                        continue;
+                    };
+                    n_seen += 1;
+                    if drop_down != 0 && n_seen.is_multiple_of(drop_down) {
+                        down[1].fetch_add(1, Ordering::SeqCst);
+                        continue;
+                    }
+                    let to = *client.lock().unwrap();
+                    if let Some(to) = to {
+                        if front2.send_to(&buf[..n], to).is_ok() {
+                            down[0].fetch_add(1, Ordering::SeqCst);
+                            *last.lock().unwrap() = buf[..n].to_vec();
+                        }
+                    }
+                }
+            })
+        };
+        LossyRelay {
+            addr,
+            stop,
+            up,
+            down,
+            last_down,
+            threads: vec![t_up, t_down],
+        }
+    }
+
+    /// (forwarded, dropped) going up.
+    fn up(&self) -> (u64, u64) {
+        (
+            self.up[0].load(Ordering::SeqCst),
+            self.up[1].load(Ordering::SeqCst),
+        )
+    }
+
+    /// (forwarded, dropped) coming down.
+    fn down(&self) -> (u64, u64) {
+        (
+            self.down[0].load(Ordering::SeqCst),
+            self.down[1].load(Ordering::SeqCst),
+        )
+    }
+}
+
+impl Drop for LossyRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn udp_exchange_messages_and_records() {
+    let mut server = udp_server(None);
+    let addr = server.local_addr();
+    let mut client = udp_client(vec![addr], None);
+    assert!(client.udp_local_addr().is_some());
+    let (mut events, mut records) = (Vec::new(), Vec::new());
+    assert!(pump(
+        &mut client,
+        &mut server,
+        &mut events,
+        &mut records,
+        |c, _, e, _| c.is_connected(addr) && connected(e).is_some()
+    ));
+    let conn = connected(&events).unwrap();
+    assert_eq!(server.stats().connections_up, 1);
+    assert_eq!(client.stats().connections_up, 1);
+
+    let k = key("10.0.0.1:40000", "10.0.0.2:8080");
+    assert!(client.client_add(k));
+    assert!(client.client_del(k));
+    assert!(pump(
+        &mut client,
+        &mut server,
+        &mut events,
+        &mut records,
+        |_, _, e, _| e
+            .iter()
+            .filter(|e| matches!(e, ServerEvent::Message(..)))
+            .count()
+            == 2
+    ));
+    let messages: Vec<ClientMessage> = events
+        .iter()
+        .filter_map(|e| match e {
+            ServerEvent::Message(id, m) => {
+                assert_eq!(*id, conn);
+                Some(*m)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(messages, vec![ClientMessage::add(k), ClientMessage::del(k)]);
+
+    // 100 records: batched 22 to a datagram, delivered in order.
+    for seq in 0..100 {
+        assert!(server.send_record(conn, &record(k, seq)));
+    }
+    server.flush_all();
+    assert!(pump(
+        &mut client,
+        &mut server,
+        &mut events,
+        &mut records,
+        |_, _, _, r| r.len() >= 100
+    ));
+    assert_eq!(records.len(), 100);
+    for (i, h) in records.iter().enumerate() {
+        assert_eq!(h.seq, i as u32);
+        assert_eq!(h.flow_key(), k);
+    }
+    let (cs, ss) = (client.stats(), server.stats());
+    assert_eq!(cs.records_received, 100);
+    assert_eq!(ss.batches, 5); // 22 + 22 + 22 + 22 + 12
+    assert_eq!((cs.datagrams_lost, ss.datagrams_lost), (0, 0));
+    assert_eq!((cs.datagrams_rejected, ss.datagrams_rejected), (0, 0));
+    assert!(cs.datagrams_sent >= 2 && ss.datagrams_sent >= 6);
+}
+
+/// Drives traffic both ways through the relay: `rounds` times, 5 datagrams of messages up and
+/// 20 datagrams of records down, waiting for each round to arrive (so no socket buffer
+/// overflows and the only loss is the relay's).
+fn lossy_traffic(secret: Option<&Secret>) {
+    let mut server = udp_server(secret);
+    let relay = LossyRelay::start(server.local_addr(), 100, 100);
+    let mut client = udp_client(vec![relay.addr], secret);
+    let (mut events, mut records) = (Vec::new(), Vec::new());
+    assert!(pump(
+        &mut client,
+        &mut server,
+        &mut events,
+        &mut records,
+        |c, _, e, _| c.connected_servers() == 1 && connected(e).is_some()
+    ));
+    let conn = connected(&events).unwrap();
+    let k = key("10.0.0.1:40000", "10.0.0.2:8080");
+    let mut sent_messages = 0usize;
+    let mut sent_records = 0usize;
+    for round in 0..60u32 {
+        for i in 0..5 * 101u32 {
+            let k = FlowKey {
+                client_port: (i % 60000) as u16,
+                ..k
+            };
+            client.client_add(k);
+            sent_messages += 1;
+        }
+        client.flush();
+        for i in 0..20 * 22u32 {
+            server.send_record(conn, &record(k, round * 10_000 + i));
+            sent_records += 1;
+        }
+        server.flush_all();
+        // Wait until the relay has passed every record datagram and the client has accounted
+        // for every datagram the relay passed or dropped.
+        let deadline = Instant::now() + BOUND;
+        while Instant::now() < deadline {
+            client.poll(TICK, &mut |h| records.push(*h)).unwrap();
+            server.poll(TICK, &mut |e| events.push(e)).unwrap();
+            let (fwd, dropped) = relay.down();
+            let s = client.stats();
+            if fwd + dropped >= server.stats().batches
+                && s.datagrams_received + s.datagrams_lost == fwd + dropped
+            {
+                break;
+            }
+        }
+    }
+    // Let keepalives close any gap at the end (a dropped last datagram is only seen as lost
+    // once a later one arrives), then compare the counters with the relay's.
+    let done = pump(
+        &mut client,
+        &mut server,
+        &mut events,
+        &mut records,
+        |c, s, _, _| {
+            let (cs, ss) = (c.stats(), s.stats());
+            let (up_fwd, up_drop) = relay.up();
+            let (down_fwd, down_drop) = relay.down();
+            // Every datagram that went through the relay is accounted for on the far side.
+            cs.datagrams_received + cs.datagrams_lost == down_fwd + down_drop
+                && ss.datagrams_received + ss.datagrams_lost == up_fwd + up_drop
+                && cs.datagrams_lost == down_drop
+                && ss.datagrams_lost == up_drop
+        },
+    );
+    let (cs, ss) = (client.stats(), server.stats());
+    assert!(
+        done,
+        "relay up {:?} down {:?}\nclient {cs:?}\nserver {ss:?}",
+        relay.up(),
+        relay.down()
+    );
+    let (_, up_drop) = relay.up();
+    let (_, down_drop) = relay.down();
+    assert!(up_drop >= 3 && down_drop >= 10, "{up_drop} {down_drop}");
+    assert_eq!(cs.datagrams_lost, down_drop);
+    assert_eq!(ss.datagrams_lost, up_drop);
+    assert_eq!(cs.datagrams_replayed + ss.datagrams_replayed, 0);
+    assert_eq!(cs.datagrams_rejected + ss.datagrams_rejected, 0);
+    // The records that arrived are exactly those of the datagrams that were not dropped.
+    let lost_records = sent_records - records.len();
+    assert_eq!(lost_records % 22, 0, "whole datagrams are lost");
+    assert!(lost_records as u64 <= 22 * down_drop);
+    let lost_messages = sent_messages as u64 - ss.messages_received;
+    assert!(lost_messages <= 101 * up_drop, "{lost_messages}");
+    eprintln!(
+        "relay dropped {up_drop} up / {down_drop} down; counted lost: server {} client {}; \
+         records lost {lost_records} of {sent_records}, messages lost {lost_messages} of {sent_messages}",
+        ss.datagrams_lost, cs.datagrams_lost
+    );
+}
+
+#[test]
+fn udp_loss_counter_matches_what_the_relay_dropped() {
+    lossy_traffic(None);
+}
+
+#[test]
+fn udp_loss_counter_matches_with_authentication() {
+    let secret = Secret::new(b"lab secret, 32 bytes long......").unwrap();
+    lossy_traffic(Some(&secret));
+}
+
+#[test]
+fn forged_and_replayed_datagrams_are_rejected_by_the_client() {
+    let secret = Secret::new(b"lab secret, 32 bytes long......").unwrap();
+    let mut server = udp_server(Some(&secret));
+    let relay = LossyRelay::start(server.local_addr(), 0, 0);
+    let mut client = udp_client(vec![relay.addr], Some(&secret));
+    let (mut events, mut records) = (Vec::new(), Vec::new());
+    assert!(pump(
+        &mut client,
+        &mut server,
+        &mut events,
+        &mut records,
+        |c, _, e, _| c.connected_servers() == 1 && connected(e).is_some()
+    ));
+    let conn = connected(&events).unwrap();
+    assert_eq!(server.stats().auth_ok, 1);
+    let k = key("10.0.0.1:40000", "10.0.0.2:8080");
+    assert!(server.send_record(conn, &record(k, 7)));
+    server.flush_all();
+    assert!(pump(
+        &mut client,
+        &mut server,
+        &mut events,
+        &mut records,
+        |_, _, _, r| r.len() == 1
+    ));
+    // The genuine datagram as it went by; wait until the relay has stored it.
+    let deadline = Instant::now() + BOUND;
+    let genuine = loop {
+        let d = relay.last_down.lock().unwrap().clone();
+        if d.len() == 32 + 64 + 16 || Instant::now() >= deadline {
+            break d;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(
+        genuine.len(),
+        32 + 64 + 16,
+        "a RECORDS datagram with one record"
+    );
+    let port = client.udp_local_addr().unwrap().port();
+    let attacker = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = SocketAddrV4::new([127, 0, 0, 1].into(), port);
+    let before = client.stats();
+
+    // 1. A forged record: the genuine datagram with another sequence number in the record.
+    let mut forged = genuine.clone();
+    forged[32 + 24] ^= 0x80;
+    attacker.send_to(&forged, to).unwrap();
+    // 2. The same with a later datagram sequence number too (looks new to the window).
+    let mut forged2 = forged.clone();
+    forged2[31] = forged2[31].wrapping_add(5);
+    attacker.send_to(&forged2, to).unwrap();
+    // 3. A made-up datagram for a session nobody has.
+    let mut junk = forged.clone();
+    junk[8..16].copy_from_slice(&0xdead_beef_u64.to_be_bytes());
+    attacker.send_to(&junk, to).unwrap();
+    // 4. Not this protocol at all.
+    attacker.send_to(b"GET / HTTP/1.0\r\n\r\n", to).unwrap();
+    // 5. The genuine datagram replayed.
+    attacker.send_to(&genuine, to).unwrap();
+
+    let deadline = Instant::now() + BOUND;
+    while Instant::now() < deadline {
+        client.poll(TICK, &mut |h| records.push(*h)).unwrap();
+        server.poll(TICK, &mut |e| events.push(e)).unwrap();
+        let s = client.stats();
+        if s.datagrams_rejected >= before.datagrams_rejected + 4
+            && s.datagrams_replayed > before.datagrams_replayed
+        {
+            break;
+        }
+    }
+    let after = client.stats();
+    assert_eq!(
+        after.datagrams_rejected - before.datagrams_rejected,
+        4,
+        "{after:?}"
+    );
+    assert_eq!(
+        after.datagrams_replayed - before.datagrams_replayed,
+        1,
+        "{after:?}"
+    );
+    assert_eq!(
+        records.len(),
+        1,
+        "no forged or replayed record was delivered"
+    );
+    assert_eq!(records[0].seq, 7);
+    assert!(client.is_connected(relay.addr));
+}
+
+#[test]
+fn udp_authentication_refuses_a_wrong_secret_and_a_plain_peer() {
+    let secret = Secret::new(b"lab secret, 32 bytes long......").unwrap();
+    let wrong = Secret::new(b"not the lab secret, but as long").unwrap();
+    let mut server = udp_server(Some(&secret));
+    let addr = server.local_addr();
+    let mut bad = udp_client(vec![addr], Some(&wrong));
+    let mut plain = udp_client(vec![addr], None);
+    let (mut events, mut records) = (Vec::new(), Vec::new());
+    let deadline = Instant::now() + BOUND;
+    while Instant::now() < deadline && server.stats().auth_refused < 6 {
+        bad.poll(TICK, &mut |h| records.push(*h)).unwrap();
+        plain.poll(TICK, &mut |h| records.push(*h)).unwrap();
+        server.poll(TICK, &mut |e| events.push(e)).unwrap();
+    }
+    let ss = server.stats();
+    assert!(ss.auth_refused >= 6, "{ss:?}");
+    assert_eq!(ss.datagrams_rejected, ss.auth_refused);
+    assert_eq!(ss.connections_accepted, 0);
+    assert!(events.is_empty(), "{events:?}");
+    assert!(bad.all_down() && plain.all_down());
+    assert!(bad.stats().connect_failures > 0);
+    // The right secret still gets in.
+    let mut good = udp_client(vec![addr], Some(&secret));
+    assert!(pump(
+        &mut good,
+        &mut server,
+        &mut events,
+        &mut records,
+        |c, _, e, _| { c.connected_servers() == 1 && connected(e).is_some() }
+    ));
+    assert_eq!(server.stats().auth_ok, 1);
+}
+
+#[test]
+fn restarted_udp_intercept_is_taken_up_again() {
+    let mut server = udp_server(None);
+    let addr = server.local_addr();
+    let mut client = udp_client(vec![addr], None);
+    let (mut events, mut records) = (Vec::new(), Vec::new());
+    assert!(pump(
+        &mut client,
+        &mut server,
+        &mut events,
+        &mut records,
+        |c, _, e, _| { c.connected_servers() == 1 && connected(e).is_some() }
+    ));
+    drop(server);
+    // Silence: the client counts the intercept down after udp_dead_after.
+    let deadline = Instant::now() + BOUND;
+    while client.connected_servers() == 1 && Instant::now() < deadline {
+        client.poll(TICK, &mut |h| records.push(*h)).unwrap();
+    }
+    assert!(client.all_down());
+    assert_eq!(client.stats().disconnects, 1);
+    let k = key("10.0.0.1:40000", "10.0.0.2:8080");
+    assert!(!client.client_add(k));
+    let mut config = ServerConfig::new(addr, RecordFormat::Header64, Framing::Combined);
+    config.transport = Transport::Udp;
+    let mut server = ControlServer::with_config(config).unwrap();
+    events.clear();
+    assert!(pump(
+        &mut client,
+        &mut server,
+        &mut events,
+        &mut records,
+        |c, _, e, _| { c.connected_servers() == 1 && connected(e).is_some() }
+    ));
+    assert_eq!(client.stats().reconnects, 1);
+    assert!(client.client_add(k));
+    assert!(pump(
+        &mut client,
+        &mut server,
+        &mut events,
+        &mut records,
+        |_, _, e, _| {
+            e.contains(&ServerEvent::Message(
+                connected(e).unwrap(),
+                ClientMessage::add(k),
+            ))
+        }
+    ));
+}
+
+#[test]
+fn silent_udp_peer_is_forgotten() {
+    let mut config = ServerConfig::new(loopback_any(), RecordFormat::Header64, Framing::Combined);
+    config.transport = Transport::Udp;
+    config.udp_peer_timeout = Duration::from_millis(300);
+    let mut server = ControlServer::with_config(config).unwrap();
+    let mut client = udp_client(vec![server.local_addr()], None);
+    let (mut events, mut records) = (Vec::new(), Vec::new());
+    assert!(pump(
+        &mut client,
+        &mut server,
+        &mut events,
+        &mut records,
+        |_, _, e, _| { connected(e).is_some() }
+    ));
+    let conn = connected(&events).unwrap();
+    drop(client);
+    let deadline = Instant::now() + BOUND;
+    while !events.contains(&ServerEvent::Disconnected(conn)) && Instant::now() < deadline {
+        server.poll(TICK, &mut |e| events.push(e)).unwrap();
+    }
+    assert!(events.contains(&ServerEvent::Disconnected(conn)));
+    assert_eq!(server.stats().connections_up, 0);
+    assert!(!server.send_record(conn, &[0u8; 64]));
+}
