@@ -8,7 +8,8 @@
 //! time of each process over the run), as a percentage of one core.
 //!
 //! Run as root: `cargo build --release --workspace && target/release/lab-rate [RATE...]`
-//! (`LAB_RATE_WORKERS=2` runs tcpcopy with two workers).
+//! (`LAB_RATE_WORKERS=2` runs tcpcopy with two workers; `LAB_RATE_TCPCOPY_ARGS` adds flags,
+//! e.g. its DPDK ports).
 
 use anyhow::{bail, Context};
 use lab::{Host, Lab};
@@ -60,22 +61,24 @@ fn main() -> anyhow::Result<()> {
         "10.77.0.40:36524".parse()?,
         Duration::from_secs(10),
     )?;
-    let mut tcpcopy = lab.spawn(
-        Host::Online,
-        bin("tcpcopy"),
-        &[
-            "-i",
-            "eth0",
-            "-x",
-            "80-10.77.0.30:8080",
-            "-s",
-            "10.77.0.40",
-            "--stats-interval",
-            "0",
-            "--workers",
-            &workers,
-        ],
-    )?;
+    // Extra tcpcopy flags (LAB_RATE_TCPCOPY_ARGS), e.g. its DPDK ports:
+    // "--dpdk-vdev net_af_packet0,iface=eth0 --dpdk-rx net_af_packet0 --next-hop 02:77:00:00:00:1e"
+    let extra = std::env::var("LAB_RATE_TCPCOPY_ARGS").unwrap_or_default();
+    let mut args: Vec<&str> = vec![
+        "-x",
+        "80-10.77.0.30:8080",
+        "-s",
+        "10.77.0.40",
+        "--stats-interval",
+        "0",
+        "--workers",
+        &workers,
+    ];
+    if !extra.contains("--dpdk-rx") {
+        args.extend_from_slice(&["-i", "eth0"]);
+    }
+    args.extend(extra.split_whitespace());
+    let mut tcpcopy = lab.spawn(Host::Online, bin("tcpcopy"), &args)?;
     tcpcopy.wait_for_log("connected to intercept", Duration::from_secs(10))?;
     let hz = 100.0; // USER_HZ on Linux
     println!(
