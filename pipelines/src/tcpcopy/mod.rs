@@ -29,7 +29,9 @@ use engine::flow::FlowKey;
 use engine::port::afpacket::{AfPacketConfig, AfPacketRx, FanoutMode};
 use engine::port::rawsock::{RawIpConfig, RawIpTx};
 use engine::port::{PortStats, RxPort, TxBatch, TxPort};
-use engine::session::{Output, Response, SessionConfig, SessionStats, SessionTable};
+use engine::session::{
+    ClientPacket, ClientSegment, Output, Response, SessionConfig, SessionStats, SessionTable,
+};
 use engine::wire::{SeqNum, TcpFlags};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -393,7 +395,10 @@ impl Tcpcopy {
                 busy_poll: config.busy_poll,
                 control_queue_full: 0,
                 replies_taken: 0,
-                packet: Vec::with_capacity(engine::port::MAX_PACKET),
+                frames: (0..BURST).map(|_| Vec::with_capacity(2048)).collect(),
+                metas: Vec::with_capacity(BURST),
+                burst_store: Vec::with_capacity(BURST),
+                reply_burst: Vec::with_capacity(BURST * 4),
                 latency: Latency::new(),
                 stamps: Vec::with_capacity(BURST),
             };
@@ -513,7 +518,14 @@ struct Worker {
     busy_poll: bool,
     control_queue_full: u64,
     replies_taken: u64,
-    packet: Vec<u8>,
+    /// One buffer per frame of a capture burst, for the rewritten packets.
+    frames: Vec<Vec<u8>>,
+    /// The accepted frames of the current burst: key and parsed segment.
+    metas: Vec<(FlowKey, ClientSegment)>,
+    /// The allocation of the burst handed to the session table, kept between rounds.
+    burst_store: Vec<ClientPacket<'static>>,
+    /// Replies taken from the control thread's queue this round.
+    reply_burst: Vec<Response>,
     latency: Latency,
     /// Capture timestamps (ns since the epoch) of this round's accepted frames.
     stamps: Vec<u64>,
@@ -569,6 +581,15 @@ impl std::fmt::Debug for Worker {
             .field("sessions", &self.table.len())
             .finish()
     }
+}
+
+/// Empties `v` and hands its allocation over as a vector of another lifetime (an in-place
+/// collect of an empty vector reuses the buffer: no allocation per burst).
+fn reuse_vec<'a, 'b>(mut v: Vec<ClientPacket<'a>>) -> Vec<ClientPacket<'b>> {
+    v.clear();
+    v.into_iter()
+        .map(|_| unreachable!("the vector is empty"))
+        .collect()
 }
 
 fn unix_now_ns() -> u64 {
@@ -651,7 +672,10 @@ impl Worker {
             ingress,
             table,
             to_control,
-            packet,
+            frames,
+            metas,
+            burst_store,
+            reply_burst,
             stamps,
             latency,
             ..
@@ -665,25 +689,43 @@ impl Worker {
             latency,
         };
         stamps.clear();
+        metas.clear();
+        // Ingress writes each accepted frame into its own buffer; the session table then takes
+        // the whole burst at once (it prefetches the sessions' entries ahead of use).
         let received = capture
             .rx_burst(BURST, &mut |frame| {
+                let buf = &mut frames[metas.len()];
                 if let Some((key, seg)) =
-                    ingress.process(frame.data, frame.wire_len, LinkType::Ethernet, packet)
+                    ingress.process(frame.data, frame.wire_len, LinkType::Ethernet, buf)
                 {
-                    table.on_client_packet(key, packet, &seg, now, &mut out);
+                    metas.push((key, seg));
                     if frame.timestamp_ns != 0 {
                         stamps.push(frame.timestamp_ns);
                     }
                 }
             })
             .context("capture failed")?;
-        let mut replies = 0;
-        while replies < BURST * 4 {
+        if !metas.is_empty() {
+            let mut burst = reuse_vec(std::mem::take(burst_store));
+            burst.extend(
+                metas
+                    .iter()
+                    .zip(frames.iter())
+                    .map(|(&(key, seg), packet)| ClientPacket { key, packet, seg }),
+            );
+            table.on_client_burst(&burst, now, &mut out);
+            *burst_store = reuse_vec(burst);
+        }
+        reply_burst.clear();
+        while reply_burst.len() < BURST * 4 {
             let Ok(resp) = self.replies.try_recv() else {
                 break;
             };
-            table.on_response(&resp, now, &mut out);
-            replies += 1;
+            reply_burst.push(resp);
+        }
+        let replies = reply_burst.len();
+        if replies > 0 {
+            table.on_response_burst(reply_burst, now, &mut out);
         }
         self.replies_taken += replies as u64;
         table.run_timers(now, 1024, &mut out);
@@ -801,4 +843,20 @@ fn control_loop(
         *c = (client.stats(), reply_queue_full, dispatched);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_burst_vector_keeps_its_allocation_between_rounds() {
+        let v: Vec<ClientPacket<'static>> = Vec::with_capacity(BURST);
+        let ptr = v.as_ptr() as usize;
+        let reused: Vec<ClientPacket<'_>> = reuse_vec(v);
+        assert_eq!(reused.capacity(), BURST);
+        assert_eq!(reused.as_ptr() as usize, ptr);
+        let back: Vec<ClientPacket<'static>> = reuse_vec(reused);
+        assert_eq!((back.capacity(), back.as_ptr() as usize), (BURST, ptr));
+    }
 }
