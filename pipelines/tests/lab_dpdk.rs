@@ -111,55 +111,45 @@ fn replicates_2000_requests_on_dpdk_vdevs() {
     intercept.stop();
 }
 
+/// Starts tcpcopy on DPDK with `vdev` and `rx` (behind `wrapper` when not empty: a command that
+/// ends by running its arguments); it must fail. Returns what it printed on stderr.
+fn failed_start(lab: &Lab, wrapper: &[&str], vdev: &str, rx: &str) -> String {
+    let mut args: Vec<&str> = wrapper.to_vec();
+    let program = if wrapper.is_empty() {
+        TCPCOPY
+    } else {
+        args.push(TCPCOPY);
+        args.remove(0)
+    };
+    args.extend_from_slice(&[
+        "--dpdk-vdev",
+        vdev,
+        "--dpdk-rx",
+        rx,
+        "--next-hop",
+        "02:77:00:00:00:1e",
+        "-x",
+        "80-10.77.0.30:8080",
+        "-s",
+        "10.77.0.40",
+    ]);
+    let out = lab
+        .run_timeout(Host::Online, program, &args, Duration::from_secs(30))
+        .expect("tcpcopy runs");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "tcpcopy started: {err}");
+    err
+}
+
 #[test]
 fn a_missing_device_fails_at_once_naming_it() {
     if !lab::require_root() {
         return;
     }
     let lab = Lab::up().expect("lab up");
-    let out = lab
-        .run_timeout(
-            Host::Online,
-            TCPCOPY,
-            &[
-                "--dpdk-vdev",
-                "net_af_packet0,iface=eth0",
-                "--dpdk-rx",
-                "net_af_packet7",
-                "--next-hop",
-                "02:77:00:00:00:1e",
-                "-x",
-                "80-10.77.0.30:8080",
-                "-s",
-                "10.77.0.40",
-            ],
-            Duration::from_secs(30),
-        )
-        .expect("tcpcopy runs");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let err = failed_start(&lab, &[], "net_af_packet0,iface=eth0", "net_af_packet7");
     assert!(err.contains("net_af_packet7"), "{err}");
-    let out = lab
-        .run_timeout(
-            Host::Online,
-            TCPCOPY,
-            &[
-                "--dpdk-vdev",
-                "net_af_packet0,iface=nosuch0",
-                "--dpdk-rx",
-                "net_af_packet0",
-                "--next-hop",
-                "02:77:00:00:00:1e",
-                "-x",
-                "80-10.77.0.30:8080",
-                "-s",
-                "10.77.0.40",
-            ],
-            Duration::from_secs(30),
-        )
-        .expect("tcpcopy runs");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let err = failed_start(&lab, &[], "net_af_packet0,iface=nosuch0", "net_af_packet0");
     assert!(err.contains("nosuch0"), "{err}");
 }
 
@@ -171,35 +161,22 @@ fn no_hugepages_fails_at_once_with_the_fix() {
     let lab = Lab::up().expect("lab up");
     // A private mount namespace where no hugetlbfs is mounted: DPDK finds no hugepages there.
     let script = "for m in $(awk '$3 == \"hugetlbfs\" {print $2}' /proc/mounts); do umount \"$m\"; done; exec \"$@\"";
-    let out = lab
-        .run_timeout(
-            Host::Online,
-            "unshare",
-            &[
-                "-m",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                script,
-                "sh",
-                TCPCOPY,
-                "--dpdk-vdev",
-                "net_af_packet0,iface=eth0",
-                "--dpdk-rx",
-                "net_af_packet0",
-                "--next-hop",
-                "02:77:00:00:00:1e",
-                "-x",
-                "80-10.77.0.30:8080",
-                "-s",
-                "10.77.0.40",
-            ],
-            Duration::from_secs(30),
-        )
-        .expect("tcpcopy runs");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let wrapper = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script,
+        "sh",
+    ];
+    let err = failed_start(
+        &lab,
+        &wrapper,
+        "net_af_packet0,iface=eth0",
+        "net_af_packet0",
+    );
     assert!(err.contains("hugepages"), "{err}");
     assert!(err.contains("scripts/hugepages.sh reserve 512"), "{err}");
     // Nothing was left mounted in the real mount namespace by the failed start.

@@ -473,24 +473,14 @@ impl ControlClient {
         self.flush();
         let now = Instant::now();
         self.reconnect_due(now);
-        let timeout = match self.next_retry() {
-            Some(at) => {
-                let until = at.saturating_duration_since(now);
-                Some(timeout.map_or(until, |t| t.min(until)))
-            }
-            None => timeout,
-        };
-        match self.poll.poll(&mut self.events, timeout) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ControlError::io("waiting for events", e)),
-        }
-        self.ready.clear();
-        for event in self.events.iter() {
-            let readable = event.is_readable() || event.is_read_closed() || event.is_error();
-            let writable = event.is_writable() || event.is_write_closed() || event.is_error();
-            self.ready.push((event.token(), readable, writable));
-        }
+        let deadline = self.next_retry();
+        super::wait_ready(
+            &mut self.poll,
+            &mut self.events,
+            &mut self.ready,
+            timeout,
+            deadline,
+        )?;
         let now = Instant::now();
         for r in 0..self.ready.len() {
             let (token, readable, writable) = self.ready[r];

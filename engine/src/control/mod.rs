@@ -119,3 +119,34 @@ impl ControlError {
         ControlError::Io { context, source }
     }
 }
+
+/// Waits for readiness on `poll` (at most `timeout`, cut short by `deadline`), then lists each
+/// ready token with whether it can be read and written (errors and closes count as both, so
+/// the handler meets them). What both ends of the channel do at the top of their `poll`.
+fn wait_ready(
+    poll: &mut mio::Poll,
+    events: &mut mio::Events,
+    ready: &mut Vec<(mio::Token, bool, bool)>,
+    timeout: Option<std::time::Duration>,
+    deadline: Option<std::time::Instant>,
+) -> Result<(), ControlError> {
+    let timeout = match deadline {
+        Some(at) => {
+            let until = at.saturating_duration_since(std::time::Instant::now());
+            Some(timeout.map_or(until, |t| t.min(until)))
+        }
+        None => timeout,
+    };
+    match poll.poll(events, timeout) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+        Err(e) => return Err(ControlError::io("waiting for events", e)),
+    }
+    ready.clear();
+    for event in events.iter() {
+        let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+        let writable = event.is_writable() || event.is_write_closed() || event.is_error();
+        ready.push((event.token(), readable, writable));
+    }
+    Ok(())
+}
