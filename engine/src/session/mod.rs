@@ -108,6 +108,15 @@ pub struct SessionConfig {
     /// 256-byte slots of the segment pool, for packets up to 224 bytes (handshake and control
     /// segments, short requests); when they run out such packets take 2 KiB slots.
     pub pool_small_segments: usize,
+    /// Replay sessions captured mid-stream (no SYN seen) with a fabricated handshake, and
+    /// rebuild a session the target reset while client data was still to be delivered
+    /// (spec §3.5, §3.10). `false` is `-O`: only sessions seen from their SYN are replayed.
+    pub mid_stream: bool,
+    /// `-D`: the MSS option of fabricated SYNs.
+    pub fake_syn_mss: u16,
+    /// Most times one session is rebuilt after target resets (a target that resets every
+    /// connection must not be hammered; at most 15).
+    pub max_reconstructions: u8,
 }
 
 impl Default for SessionConfig {
@@ -126,6 +135,9 @@ impl Default for SessionConfig {
             max_sessions: 1 << 20,
             pool_segments: 1 << 16,
             pool_small_segments: 1 << 18,
+            mid_stream: true,
+            fake_syn_mss: 1460,
+            max_reconstructions: 3,
         }
     }
 }
@@ -158,8 +170,15 @@ pub struct SessionStats {
     /// Sessions evicted (the oldest idle one, reset at the target when still open) to make
     /// room for a new SYN in a full table.
     pub evicted: u64,
-    /// Client segments with no session (captured mid-stream; replayed in a later version).
+    /// Client segments with no session that could not start one (no payload, `-O`, or the
+    /// table or pool was full).
     pub client_no_session: u64,
+    /// Sessions started from a segment captured mid-stream, with a fabricated SYN (also
+    /// counted in `created`).
+    pub mid_stream_created: u64,
+    /// Sessions rebuilt with a fabricated SYN after the target reset them while client data
+    /// was still to be delivered.
+    pub reconstructed: u64,
     /// Client SYN retransmissions absorbed.
     pub client_syn_retransmits: u64,
     /// Client data retransmissions absorbed (already queued or sent).
@@ -222,6 +241,8 @@ impl SessionStats {
             table_full,
             evicted,
             client_no_session,
+            mid_stream_created,
+            reconstructed,
             client_syn_retransmits,
             client_retransmits,
             client_acks_absorbed,
@@ -256,6 +277,8 @@ impl SessionStats {
         self.table_full += table_full;
         self.evicted += evicted;
         self.client_no_session += client_no_session;
+        self.mid_stream_created += mid_stream_created;
+        self.reconstructed += reconstructed;
         self.client_syn_retransmits += client_syn_retransmits;
         self.client_retransmits += client_retransmits;
         self.client_acks_absorbed += client_acks_absorbed;
@@ -406,6 +429,9 @@ struct Limits {
     linger: u32,
     max_queued_segments: u16,
     max_queued_bytes: u32,
+    mid_stream: bool,
+    fake_syn_mss: u16,
+    max_reconstructions: u8,
 }
 
 impl Limits {
@@ -421,6 +447,9 @@ impl Limits {
             linger: millis(config.linger),
             max_queued_segments: config.max_queued_segments.min(u16::MAX as usize) as u16,
             max_queued_bytes: config.max_queued_bytes.min(u32::MAX as usize) as u32,
+            mid_stream: config.mid_stream,
+            fake_syn_mss: config.fake_syn_mss,
+            max_reconstructions: config.max_reconstructions.min(15),
         }
     }
 
@@ -466,6 +495,9 @@ const RTO_ARMED: u16 = 1 << 8;
 const AWAITING_REPLY: u16 = 1 << 9;
 /// `peer_window` is the SYN-ACK's, which is never scaled (RFC 7323 §2.2).
 const WINDOW_UNSCALED: u16 = 1 << 10;
+/// The handshake was fabricated (mid-stream capture or reconstruction): the target saw no
+/// window scale, so client segments go out with the window forced to 65535.
+const FAKE_SYN: u16 = 1 << 11;
 
 /// Where the table has filed a session (bits 12..15 of the flags; the table's business).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -547,7 +579,9 @@ pub struct Session {
     peer_window: u16,
     flags: u16,
     state: State,
-    peer_window_scale: u8,
+    /// The target's window scale (low nibble, at most 14) and the times this session was
+    /// rebuilt after a target reset (high nibble, at most 15).
+    scale_restarts: u8,
     retries: u8,
     /// Duplicate ACKs in a row (fast retransmit at 3; saturates); during the handshake, SYNs
     /// sent again after resetting a stale connection at the target.
@@ -606,10 +640,27 @@ impl Session {
             peer_window: 0,
             flags,
             state: State::SynSent,
-            peer_window_scale: 0,
+            scale_restarts: 0,
             retries: 0,
             dupacks: 0,
         }
+    }
+
+    fn peer_window_scale(&self) -> u8 {
+        self.scale_restarts & 0x0f
+    }
+
+    fn set_peer_window_scale(&mut self, scale: u8) {
+        self.scale_restarts = (self.scale_restarts & 0xf0) | scale.min(14);
+    }
+
+    /// Times this session was rebuilt after a target reset.
+    fn restarts(&self) -> u8 {
+        self.scale_restarts >> 4
+    }
+
+    fn set_restarts(&mut self, restarts: u8) {
+        self.scale_restarts = (self.scale_restarts & 0x0f) | (restarts.min(15) << 4);
     }
 
     #[inline]
@@ -688,7 +739,7 @@ impl Session {
         if self.has(WINDOW_UNSCALED) {
             u32::from(self.peer_window)
         } else {
-            u32::from(self.peer_window) << self.peer_window_scale
+            u32::from(self.peer_window) << self.peer_window_scale()
         }
     }
 
@@ -967,6 +1018,7 @@ impl Session {
         let rcv_nxt = self.rcv_nxt;
         let snd_nxt = self.snd_nxt;
         let timestamps_on = self.has(TIMESTAMPS_ON);
+        let fake_syn = self.has(FAKE_SYN);
         let ts_recent = self.ts_recent;
         let mut ts_max = self.ts_val;
         let mut new_seq = None;
@@ -976,6 +1028,9 @@ impl Session {
             let mut tcp = TcpPacket::new_unchecked(&mut ip.payload_mut()[..]);
             if tcp.flags().contains(TcpFlags::ACK) {
                 tcp.rewrite_ack_number(rcv_nxt);
+            }
+            if fake_syn && !tcp.flags().contains(TcpFlags::RST) {
+                tcp.rewrite_window(u16::MAX);
             }
             if reset && tcp.seq_number().before(snd_nxt) {
                 // An RST must fall inside the target's window: send it at our next byte.
@@ -1023,6 +1078,8 @@ impl Session {
             flags,
             window: if flags.contains(TcpFlags::RST) {
                 0
+            } else if self.has(FAKE_SYN) {
+                u16::MAX
             } else {
                 self.client_window.max(1)
             },
@@ -1052,6 +1109,83 @@ impl Session {
         } else {
             cx.stats.sent_acks += 1;
         }
+    }
+
+    /// Rebuilds the session after the target reset it while client data it had not
+    /// acknowledged is still queued (spec §3.10): a fabricated SYN just before the oldest
+    /// undelivered byte on the same 4-tuple, then that data again. False (nothing changed) when
+    /// mid-stream replay is off, the session was rebuilt too often, or no data is queued.
+    fn reconstruct(&mut self, cx: &mut Ctx<'_>) -> bool {
+        let head = self.queue.head;
+        if !cx.limits.mid_stream
+            || self.state != State::Established
+            || self.restarts() >= cx.limits.max_reconstructions
+            || head == NIL
+        {
+            return false;
+        }
+        let head_flags = cx.pool.flags(head);
+        let data_len = cx.pool.seq_len(head) - u32::from(head_flags.contains(TcpFlags::FIN));
+        if data_len == 0 || head_flags.intersects(TcpFlags::RST | TcpFlags::SYN) {
+            return false;
+        }
+        let seq = cx.pool.seq(head);
+        let online_ack = cx.pool.online_ack(head);
+        let mut buf = std::mem::take(cx.scratch);
+        cx.pool.gather(head, &mut buf);
+        let mut syn = Vec::with_capacity(64);
+        let syn_seg = fabricate_syn(&buf, seq.add(u32::MAX), cx.limits.fake_syn_mss, &mut syn);
+        *cx.scratch = buf;
+        let Some(syn_seg) = syn_seg else {
+            return false;
+        };
+        let Some((id, _)) = cx
+            .pool
+            .alloc(&syn, syn_seg.seq, 1, TcpFlags::SYN, SeqNum(0))
+        else {
+            cx.stats.pool_exhausted += 1;
+            return false;
+        };
+        cx.pool.set_next(id, head);
+        self.queue.head = id;
+        self.queue.len += 1;
+        self.queue.sent = 1;
+        self.queue.unsent = head;
+        self.queued_bytes += cx.pool.len(id) as u32;
+        self.state = State::SynSent;
+        self.client_isn = syn_seg.seq;
+        self.snd_una = syn_seg.seq;
+        self.snd_nxt = seq;
+        self.target_base = SeqNum(0);
+        self.rcv_nxt = SeqNum(0);
+        self.pace_credit = 0;
+        self.online_base = online_ack;
+        self.peer_window = 0;
+        self.set_peer_window_scale(0);
+        self.retries = 0;
+        self.dupacks = 0;
+        self.set_restarts(self.restarts() + 1);
+        self.set(
+            SYN_WINDOW_SCALE
+                | SYN_TIMESTAMPS
+                | TIMESTAMPS_ON
+                | CLIENT_FIN_SENT
+                | TARGET_FIN
+                | RECOVERING
+                | AWAITING_REPLY
+                | WINDOW_UNSCALED,
+            false,
+        );
+        self.set(ONLINE_BASE, head_flags.contains(TcpFlags::ACK));
+        self.flags |= FAKE_SYN | RTO_ARMED;
+        self.alarm = cx.now.add(cx.limits.rto(0));
+        cx.out.register(self.key);
+        self.send_segment(id, false, cx);
+        self.last_send_at = cx.now;
+        cx.stats.reconstructed += 1;
+        cx.stats.sent_syn += 1;
+        cx.stats.sent_segments += 1;
+        true
     }
 
     /// Sends an RST at our next sequence byte (teardown of a session still open at the target).
@@ -1085,7 +1219,9 @@ impl Session {
         if resp.flags.contains(TcpFlags::RST) {
             if self.state != State::Closed {
                 cx.stats.target_resets += 1;
-                self.close(cx);
+                if !self.reconstruct(cx) {
+                    self.close(cx);
+                }
             }
             return Verdict::Keep;
         }
@@ -1220,7 +1356,7 @@ impl Session {
                 }
             }
             if let (true, Some(scale)) = (self.has(SYN_WINDOW_SCALE), resp.window_scale) {
-                self.peer_window_scale = scale.min(14);
+                self.set_peer_window_scale(scale);
             }
             self.peer_window = resp.window;
             self.flags |= WINDOW_UNSCALED;
@@ -1355,6 +1491,54 @@ impl Session {
         }
         Verdict::Keep
     }
+}
+
+/// Builds the SYN that opens a session captured mid-stream (spec §3.5) into `buf`: from the
+/// addresses and ports of `packet` (a captured data segment already rewritten for the target),
+/// sequence number `seq` (one before the first data byte to replay), no ACK, window 65535 and
+/// a single MSS option of `mss` (no window scale: the client's scale is unknown, so its
+/// segments go out with the window forced to 65535; no timestamps, no SACK). Returns the
+/// segment's parsed form, or `None` when `packet` is not an IPv4/TCP packet.
+pub fn fabricate_syn(
+    packet: &[u8],
+    seq: SeqNum,
+    mss: u16,
+    buf: &mut Vec<u8>,
+) -> Option<ClientSegment> {
+    let ip = Ipv4Packet::new_checked(packet).ok()?;
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    let repr = TcpRepr {
+        src_port: tcp.src_port(),
+        dst_port: tcp.dst_port(),
+        seq,
+        ack: SeqNum(0),
+        flags: TcpFlags::SYN,
+        window: u16::MAX,
+        mss: Some(mss),
+        window_scale: None,
+        sack_permitted: false,
+        timestamps: None,
+        payload_len: 0,
+    };
+    buf.clear();
+    crate::wire::tcp::emit_ipv4_tcp(
+        buf,
+        ip.src_addr(),
+        ip.dst_addr(),
+        ip.ident().wrapping_sub(2),
+        64,
+        &repr,
+        &[],
+    );
+    Some(ClientSegment {
+        seq,
+        ack: SeqNum(0),
+        flags: TcpFlags::SYN,
+        payload_len: 0,
+        window: u16::MAX,
+        timestamps: None,
+        window_scale: None,
+    })
 }
 
 /// Overwrites SACK blocks (which name the online server's sequence space) with NOPs, fixing

@@ -30,8 +30,8 @@ use super::pool::{SegmentPool, Stored};
 use super::prefetch::prefetch;
 use super::wheel::{Wheel, READY, WHEEL_LISTS};
 use super::{
-    ClientSegment, Ctx, Limits, Output, Place, Response, Session, SessionConfig, SessionStats,
-    Tick, Verdict, RTO_ARMED,
+    fabricate_syn, ClientSegment, Ctx, Limits, Output, Place, Response, Session, SessionConfig,
+    SessionStats, Tick, Verdict, FAKE_SYN, RTO_ARMED,
 };
 use crate::flow::FlowKey;
 use crate::wire::TcpFlags;
@@ -352,15 +352,88 @@ impl SessionTable {
             self.on_client_syn(hash, key, packet, seg, now, out);
             return;
         }
-        let Some((_, idx)) = self.find(hash, &key) else {
-            self.stats.client_no_session += 1;
+        let Some((pos, idx)) = self.find(hash, &key) else {
+            self.start_mid_stream(hash, key, packet, seg, 0, now, out);
             return;
         };
+        let session = &self.sessions[idx as usize];
+        if session.is_closed()
+            && self.limits.mid_stream
+            && seg.payload_len > 0
+            && !seg.flags.intersects(TcpFlags::RST | TcpFlags::SYN)
+            && !seg.seq.before(session.snd_nxt)
+            && session.restarts() < self.limits.max_reconstructions
+        {
+            // New data on a session the target ended (reset, or closed while the online
+            // server kept the connection): rebuild it with a fabricated handshake.
+            let restarts = session.restarts() + 1;
+            self.remove_entry(idx, Some(pos), out);
+            if self.start_mid_stream(hash, key, packet, seg, restarts, now, out) {
+                self.stats.reconstructed += 1;
+                self.stats.mid_stream_created -= 1;
+            }
+            return;
+        }
         let session = &mut self.sessions[idx as usize];
         let before = (session.last_response_at, session.is_closed());
         let mut cx = ctx!(self, out, now);
         let verdict = session.on_client(packet, seg, &mut cx);
         self.settle(idx, verdict, before, out);
+    }
+
+    /// A client segment of a session we have no entry for: captured mid-stream (tcpcopy
+    /// started while the connection was open, or the SYN was lost on capture). With payload
+    /// and mid-stream replay on, the session starts with a fabricated SYN just before the
+    /// segment's first byte, and the segment waits for the handshake (spec §3.5). Returns true
+    /// when a session was started.
+    #[allow(clippy::too_many_arguments)]
+    fn start_mid_stream(
+        &mut self,
+        hash: u64,
+        key: FlowKey,
+        packet: &[u8],
+        seg: &ClientSegment,
+        restarts: u8,
+        now: Duration,
+        out: &mut dyn Output,
+    ) -> bool {
+        if !self.limits.mid_stream
+            || seg.payload_len == 0
+            || seg.flags.intersects(TcpFlags::RST | TcpFlags::SYN)
+        {
+            self.stats.client_no_session += 1;
+            return false;
+        }
+        let mut syn = std::mem::take(&mut self.scratch);
+        let syn_seg = fabricate_syn(
+            packet,
+            seg.seq.add(u32::MAX),
+            self.limits.fake_syn_mss,
+            &mut syn,
+        );
+        let created = match syn_seg {
+            Some(syn_seg) => {
+                let before = self.stats.created;
+                self.on_client_syn(hash, key, &syn, &syn_seg, now, out);
+                self.stats.created > before
+            }
+            None => false,
+        };
+        self.scratch = syn;
+        let found = if created { self.find(hash, &key) } else { None };
+        let Some((_, idx)) = found else {
+            self.stats.client_no_session += 1;
+            return false;
+        };
+        self.stats.mid_stream_created += 1;
+        let session = &mut self.sessions[idx as usize];
+        session.flags |= FAKE_SYN;
+        session.set_restarts(restarts);
+        let before = (session.last_response_at, session.is_closed());
+        let mut cx = ctx!(self, out, now);
+        let verdict = session.on_client(packet, seg, &mut cx);
+        self.settle(idx, verdict, before, out);
+        true
     }
 
     fn on_client_syn(
@@ -939,7 +1012,11 @@ mod tests {
 
     #[test]
     fn full_table_evicts_the_oldest_idle_session() {
-        let mut t = SessionTable::new(small(3));
+        // Without mid-stream replay a target RST closes a session (instead of rebuilding it).
+        let mut t = SessionTable::new(SessionConfig {
+            mid_stream: false,
+            ..small(3)
+        });
         let mut out = Rec::default();
         for (i, port) in [1u16, 2, 3].into_iter().enumerate() {
             syn(&mut t, &mut out, port, ISN, ms(i as u64));
@@ -1133,7 +1210,9 @@ mod tests {
         for (k, f) in keys.iter().zip(&found) {
             assert_eq!(f.map(|s| s.key()), burst.get(k).map(|s| s.key()));
         }
-        assert_eq!(found.iter().filter(|f| f.is_some()).count(), 40);
+        // The five ports with no session started mid-stream (a fabricated SYN each).
+        assert_eq!(found.iter().filter(|f| f.is_some()).count(), 45);
+        assert_eq!(burst.stats().mid_stream_created, 5);
     }
 
     #[test]

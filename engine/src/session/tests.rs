@@ -514,14 +514,131 @@ fn table_is_bounded_and_shutdown_resets_everything() {
     assert_eq!(out.unregistered.len(), 2);
 }
 
+/// The window field of every packet sent so far, undecoded.
+fn windows(rec: &Rec) -> Vec<u16> {
+    rec.sent
+        .iter()
+        .map(|p| {
+            let ip = Ipv4Packet::new_checked(&p[..]).unwrap();
+            TcpPacket::new_checked(ip.payload()).unwrap().window_len()
+        })
+        .collect()
+}
+
 #[test]
-fn mid_stream_segments_are_counted_not_replayed() {
-    let mut h = Harness::new(SessionConfig::default());
+fn with_o_mid_stream_segments_are_counted_not_replayed() {
+    let mut h = Harness::new(SessionConfig {
+        mid_stream: false,
+        ..SessionConfig::default()
+    });
     h.client(PA, C_ISN + 1, O_BASE, b"data", ms(0));
     assert!(h.out.take().is_empty());
     assert_eq!(h.table.stats().client_no_session, 1);
+    assert!(h.table.is_empty());
     h.resp(A, T_BASE, C_ISN, 0, ms(0));
     assert_eq!(h.table.stats().response_no_session, 1);
+}
+
+#[test]
+fn a_session_captured_mid_stream_starts_with_a_fabricated_syn() {
+    let mut h = Harness::new(SessionConfig {
+        fake_syn_mss: 1200,
+        ..SessionConfig::default()
+    });
+    // A pure ACK never starts a session.
+    h.client(A, C_ISN + 1, O_BASE + 300, b"", ms(0));
+    assert!(h.out.take().is_empty() && h.table.is_empty());
+    // Data does: a SYN just before its first byte, window 65535, MSS -D, nothing else.
+    h.client(
+        PA,
+        C_ISN + 1,
+        O_BASE + 300,
+        b"GET /a HTTP/1.1\r\n\r\n",
+        ms(1),
+    );
+    assert_eq!(h.out.registered, vec![key()]);
+    let syn = h.out.sent[0].clone();
+    let sent = h.out.take();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(
+        (sent[0].flags, sent[0].seq, sent[0].ts),
+        (TcpFlags::SYN, C_ISN, None)
+    );
+    let ip = Ipv4Packet::new_checked(&syn[..]).unwrap();
+    let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+    let repr = TcpRepr::parse(&tcp);
+    assert_eq!(
+        (repr.mss, repr.window_scale, repr.sack_permitted),
+        (Some(1200), None, false)
+    );
+    assert_eq!(repr.window, 65535);
+    assert_eq!(h.table.stats().mid_stream_created, 1);
+    assert_eq!(h.table.stats().created, 1);
+    // The next request of the keep-alive connection waits for the answer to the first.
+    h.client(
+        PA,
+        C_ISN + 20,
+        O_BASE + 700,
+        b"GET /b HTTP/1.1\r\n\r\n",
+        ms(2),
+    );
+    assert!(h.out.take().is_empty());
+    // SYN-ACK: our third handshake ACK, then the first request, with the window forced.
+    h.resp(TcpFlags::SYN | A, T_ISN, C_ISN + 1, 0, ms(3));
+    let wins = windows(&h.out);
+    let sent = h.out.take();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!(
+        (sent[0].flags, sent[0].seq, sent[0].ack),
+        (A, C_ISN + 1, T_BASE)
+    );
+    assert_eq!(
+        (sent[1].seq, sent[1].ack, sent[1].len),
+        (C_ISN + 1, T_BASE, 19)
+    );
+    assert_eq!(wins, vec![65535, 65535]);
+    // The target answers 400 bytes (the online server had sent 400 too): /b goes out.
+    h.resp(PA, T_BASE, C_ISN + 20, 400, ms(4));
+    let sent = h.out.take();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(
+        (sent[0].seq, sent[0].ack, sent[0].len),
+        (C_ISN + 20, T_BASE + 400, 19)
+    );
+}
+
+#[test]
+fn a_session_the_target_reset_is_rebuilt_with_its_undelivered_data() {
+    let mut h = Harness::new(SessionConfig {
+        max_reconstructions: 1,
+        ..SessionConfig::default()
+    });
+    h.establish();
+    h.client(PA, C_ISN + 1, O_BASE, b"first", ms(2));
+    h.resp(A, T_BASE, C_ISN + 6, 0, ms(3));
+    // The target closed the connection (e.g. its keep-alive timeout) but the online one is
+    // open: the next request meets an RST.
+    h.client(PA, C_ISN + 6, O_BASE, b"second", ms(10));
+    assert_eq!(h.out.take().len(), 2, "data + (first) ACK-less send");
+    h.resp(TcpFlags::RST, C_ISN + 6, 0, 0, ms(11));
+    let sent = h.out.take();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!((sent[0].flags, sent[0].seq), (TcpFlags::SYN, C_ISN + 5));
+    assert_eq!(h.table.stats().reconstructed, 1);
+    assert_eq!(h.table.stats().target_resets, 1);
+    h.resp(TcpFlags::SYN | A, T_ISN + 77, C_ISN + 6, 0, ms(12));
+    let sent = h.out.take();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!((sent[0].flags, sent[0].ack), (A, T_ISN + 78));
+    assert_eq!(
+        (sent[1].seq, sent[1].ack, sent[1].len),
+        (C_ISN + 6, T_ISN + 78, 6)
+    );
+    // A second reset is one too many (max_reconstructions 1): the session ends.
+    h.resp(TcpFlags::RST, C_ISN + 6, 0, 0, ms(13));
+    assert!(h.out.take().is_empty());
+    assert!(h.table.get(&key()).is_some_and(|s| s.is_closed()));
+    assert_eq!(h.table.stats().reconstructed, 1);
 }
 
 #[test]
