@@ -2,6 +2,9 @@
 //! lines share. The binaries in `src/bin/` only parse flags into these configurations.
 
 pub mod cli;
+pub mod doctor;
 pub mod intercept;
+pub mod metrics;
 pub mod ports;
 pub mod tcpcopy;
+pub mod udpcopy;

@@ -1,11 +1,13 @@
 //! The owner of a session, computed by the control thread from a reply alone, is the worker
-//! whose capture socket received the session's packets, for any transfers and `-c` lists.
+//! whose capture socket received the session's packets, for any transfers, `-c` lists, `-n`
+//! copies and `-f` instances.
 
 use engine::control::{encode_record, RecordFormat, ResponseHeader};
 use engine::flow::port_shard;
 use engine::wire::tcp::{emit_ipv4_tcp, TcpRepr};
 use engine::wire::{SeqNum, TcpFlags};
-use pipelines::tcpcopy::ingress::{Ingress, LinkType};
+use pipelines::tcpcopy::copies::PortPlan;
+use pipelines::tcpcopy::ingress::{Ingress, IngressOptions, LinkType};
 use pipelines::tcpcopy::transform::{parse_transfers, ClientAddrs};
 use proptest::prelude::*;
 use std::net::Ipv4Addr;
@@ -56,6 +58,8 @@ proptest! {
         src in any::<u32>(),
         sport in 1024u16..65535,
         pick in any::<usize>(),
+        copies in 1u16..12,
+        instance in 0u8..4,
     ) {
         let transfers_text = online_ports
             .iter()
@@ -66,16 +70,25 @@ proptest! {
         let transfers = parse_transfers(&transfers_text).unwrap();
         let clients = use_clients
             .then(|| ClientAddrs::parse(&format!("10.{client_prefix}.9.x"), &transfers).unwrap());
-        let mut ingress = Ingress::new(transfers.clone(), clients);
+        let options = IngressOptions {
+            plan: PortPlan::new(copies, instance, workers).unwrap(),
+            ..IngressOptions::default()
+        };
+        let mut ingress = Ingress::with_options(transfers.clone(), clients, options);
         let online_port = online_ports[pick % online_ports.len()];
         let captured = frame(Ipv4Addr::from(src), sport, Ipv4Addr::new(192, 0, 2, 1), online_port, TcpFlags::SYN);
         // The kernel's fanout program gives the frame to this worker (tested against the kernel
         // in engine/tests/port_real.rs).
         let capturing_worker = port_shard(sport, workers);
-        let mut packet = Vec::new();
-        let (key, _) = ingress.process(&captured, captured.len(), LinkType::Ethernet, &mut packet).expect("accepted");
-        let header = ResponseHeader::parse(&reply_record(key)).expect("parse");
-        prop_assert_eq!(header.flow_key(), key);
-        prop_assert_eq!(header.flow_key().shard(workers), capturing_worker);
+        let (mut bufs, mut metas) = (Vec::new(), Vec::new());
+        ingress.process_all(&captured, captured.len(), LinkType::Ethernet, std::time::Duration::ZERO, &mut bufs, &mut metas);
+        prop_assert_eq!(metas.len(), usize::from(copies));
+        let mut keys = std::collections::HashSet::new();
+        for (key, _) in &metas {
+            prop_assert!(keys.insert(*key), "copies never share a 4-tuple");
+            let header = ResponseHeader::parse(&reply_record(*key)).expect("parse");
+            prop_assert_eq!(header.flow_key(), *key);
+            prop_assert_eq!(header.flow_key().shard(workers), capturing_worker);
+        }
     }
 }

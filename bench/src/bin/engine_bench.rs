@@ -36,6 +36,8 @@
 //!     memory the process gained creating that many established sessions.
 //! (d) Session lookups per second, one at a time (`get`) and batched with prefetch
 //!     (`get_batch`), over 100k and 1M sessions.
+//! (e) Scaling from 1 to 2 workers: the `burst` line (64 bytes) over 100k sessions split
+//!     between pinned threads, each with its own table, timed over the same window.
 
 use engine::control::RouteTable;
 use engine::control::{encode_record, BatchEncoder, ConnId, Framing, RecordFormat, ResponseHeader};
@@ -263,6 +265,18 @@ struct Outcome {
 
 /// (a) One established-path run.
 fn established(case: Case, payload: usize, sessions: usize, min_packets: u64) -> Outcome {
+    established_synced(case, payload, sessions, min_packets, None)
+}
+
+/// (a) with an optional barrier that every worker of a scaling run passes right before its
+/// timed rounds start (so that their timed windows overlap).
+fn established_synced(
+    case: Case,
+    payload: usize,
+    sessions: usize,
+    min_packets: u64,
+    barrier: Option<&std::sync::Barrier>,
+) -> Outcome {
     let packet_len = 20 + 32 + payload;
     let slot = if packet_len <= 224 { 256 } else { 2048 };
     let bursts = matches!(case, Case::Burst | Case::BurstAckEach | Case::IngressBurst);
@@ -324,6 +338,9 @@ fn established(case: Case, payload: usize, sessions: usize, min_packets: u64) ->
     let mut start = Instant::now();
     for round in 0..rounds + ack_every {
         if round == ack_every {
+            if let Some(barrier) = barrier {
+                barrier.wait();
+            }
             start = Instant::now();
             packets = 0;
             replies = 0;
@@ -474,6 +491,67 @@ fn flush_burst(
     table.on_client_burst(&burst[..n], now, out);
 }
 
+/// (e) The scaling table.
+fn scaling_report(packets: u64) {
+    println!(
+        "\n(e) scaling: the burst line, 64-byte segments, 100k sessions split over 1 and 2 \
+         workers (threads pinned to cores 0 and 1, each with its own table)"
+    );
+    let mut one = 0.0;
+    for workers in [1usize, 2] {
+        let (mpps, per) = scaling(workers, 100_000, packets);
+        if workers == 1 {
+            one = mpps;
+        }
+        println!(
+            "{workers} worker(s): {mpps:>6.2} Mpps total ({}), {:.2}x of one worker",
+            per.iter()
+                .map(|m| format!("{m:.2}"))
+                .collect::<Vec<_>>()
+                .join(" + "),
+            mpps / one
+        );
+    }
+}
+
+/// (e) `workers` threads, pinned, each running the burst line over its share of `sessions`
+/// at the same time. Returns the total packet rate (Mpps) and each worker's.
+fn scaling(workers: usize, sessions: usize, packets: u64) -> (f64, Vec<f64>) {
+    let barrier = std::sync::Barrier::new(workers);
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let outcomes: Vec<Outcome> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let barrier = &barrier;
+                let core = cores.get(w % cores.len().max(1)).copied();
+                s.spawn(move || {
+                    if let Some(core) = core {
+                        core_affinity::set_for_current(core);
+                    }
+                    established_synced(
+                        Case::Burst,
+                        64,
+                        sessions / workers,
+                        packets / workers as u64,
+                        Some(barrier),
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("worker"))
+            .collect()
+    });
+    let per: Vec<f64> = outcomes
+        .iter()
+        .map(|o| o.packets as f64 / o.elapsed.as_secs_f64() / 1e6)
+        .collect();
+    let packets: u64 = outcomes.iter().map(|o| o.packets).sum();
+    let longest = outcomes.iter().map(|o| o.elapsed).max().unwrap_or_default();
+    (packets as f64 / longest.as_secs_f64() / 1e6, per)
+}
+
 /// (b) The intercept extract-and-route path, per reply.
 fn intercept(flows: usize, records: u64, format: RecordFormat, payload: usize) -> (u64, Duration) {
     let now = Instant::now();
@@ -602,6 +680,7 @@ struct Args {
     packets: u64,
     repeat: usize,
     no_thp: bool,
+    scaling: bool,
 }
 
 fn parse_args() -> Args {
@@ -613,6 +692,7 @@ fn parse_args() -> Args {
         packets: 10_000_000,
         repeat: 1,
         no_thp: false,
+        scaling: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -623,6 +703,7 @@ fn parse_args() -> Args {
         match arg.as_str() {
             "--quick" => args.quick = true,
             "--no-thp" => args.no_thp = true,
+            "--scaling" => args.scaling = true,
             "--case" => {
                 let v = value("session, burst, ingress, ingress-burst, ack1, burst-ack1, wait");
                 args.case = Some(Case::parse(&v).unwrap_or_else(|| panic!("unknown case {v}")));
@@ -635,7 +716,7 @@ fn parse_args() -> Args {
                 println!(
                     "engine-bench [--quick] [--case session|burst|ingress|ingress-burst|ack1|burst-ack1|wait] \
                      [--payload 64|512] [--sessions N] [--packets N] [--repeat N (best of)] \
-                     [--no-thp]"
+                     [--no-thp] [--scaling (only the 1->2 worker table)]"
                 );
                 std::process::exit(0);
             }
@@ -754,7 +835,11 @@ fn main() {
             }
         }
     }
-    if single {
+    if single && !args.scaling {
+        return;
+    }
+    if args.scaling {
+        scaling_report(args.packets);
         return;
     }
 
@@ -772,6 +857,8 @@ fn main() {
             secs * 1e9 / n as f64
         );
     }
+
+    scaling_report(args.packets);
 
     println!("\n(d) session lookups (random order)");
     for &sessions in sizes.iter().filter(|&&n| n >= 100_000) {

@@ -67,6 +67,19 @@ pub trait RxPort: Send {
 
     /// Counters so far.
     fn stats(&self) -> PortStats;
+
+    /// Tells a finite source (a capture file) whether everything it handed out so far has been
+    /// dealt with — for the tcpcopy worker: no session is active. A file replay ends a round
+    /// only once it hears `true` after its last frame. Live ports ignore it (the default).
+    fn consumer_idle(&mut self, idle: bool) {
+        let _ = idle;
+    }
+
+    /// True when a finite source has nothing more to give (every round of a file replay is
+    /// done): the caller may stop. Live ports never finish (the default).
+    fn finished(&self) -> bool {
+        false
+    }
 }
 
 /// A sink of IPv4 packets.

@@ -3,7 +3,10 @@
 //! Request `i` (0-based) goes to `lab::http::load_path(path_prefix, tag, i)`, e.g. `/p/000123` or
 //! `/p/TAG-000123`. `--mode close` opens one connection per request (`Connection: close`) from
 //! `--concurrency` workers; `--mode keepalive` spreads the requests over `--connections` persistent
-//! connections (connection `j` sends requests `j, j+C, j+2C, ...` in order). Prints
+//! connections (connection `j` sends requests `j, j+C, j+2C, ...` in order); with `--pipeline N`
+//! a keep-alive connection writes N of its requests (in `--pipeline-writes` writes) before it reads
+//! their responses in order. `--rcvbuf` and `--read-delay-ms` make a slow, small-window reader.
+//! Prints
 //! `requests=N ok=K failed=F elapsed_ms=... rps=...` (or, with `--json`, one JSON report line) and
 //! exits 0 only if every request got a 2xx answer with a complete body.
 
@@ -81,6 +84,25 @@ struct Args {
     /// Print one JSON report line instead of the summary line (the summary goes to stderr).
     #[arg(long)]
     json: bool,
+    /// Keep-alive mode: write this many requests before reading the first response, then read
+    /// their responses in order (HTTP pipelining); 1: one request at a time.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pipeline: usize,
+    /// Split each pipelined batch over this many writes, all made before the first response is
+    /// read (1..=--pipeline); 1: the whole batch in one write.
+    #[arg(long, value_name = "W", default_value_t = 1)]
+    pipeline_writes: usize,
+    /// SO_RCVBUF of every connection, set right after connect (the window scale stays as
+    /// negotiated; the advertised window shrinks to about this size).
+    #[arg(long, value_name = "BYTES")]
+    rcvbuf: Option<u32>,
+    /// Sleep this many milliseconds after every piece of response body read (a slow reader).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    read_delay_ms: u64,
+    /// Sleep this many milliseconds once per response, after the first piece of its body (a
+    /// client that stops reading: with a small --rcvbuf its window closes).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    read_pause_ms: u64,
 }
 
 /// Per-worker tallies, merged at the end.
@@ -137,6 +159,8 @@ struct Shared {
     io_timeout: Duration,
     next: AtomicU64,
     host_header: String,
+    read_delay: Duration,
+    read_pause: Duration,
 }
 
 #[derive(Debug)]
@@ -188,6 +212,10 @@ impl Shared {
             )
         })?;
         let _ = stream.set_nodelay(true);
+        if let Some(bytes) = self.args.rcvbuf {
+            set_rcvbuf(&stream, bytes)
+                .map_err(|e| Failure::Other("io", format!("SO_RCVBUF: {e}")))?;
+        }
         let reader = BufReader::with_capacity(
             64 * 1024,
             stream
@@ -275,8 +303,12 @@ impl Shared {
             return Err(Failure::Other(classify(&e, "write"), format!("write: {e}")));
         }
         tally.bytes_sent += req.len() as u64;
-        let mut body = 0u64;
-        match http::read_response(&mut conn.reader, &mut |b| body += b.len() as u64) {
+        let (mut body, mut pieces) = (0u64, 0u64);
+        match http::read_response(&mut conn.reader, &mut |b| {
+            self.slow_down(pieces);
+            pieces += 1;
+            body += b.len() as u64;
+        }) {
             Ok(Some(resp)) => {
                 *tally.status.entry(resp.status).or_default() += 1;
                 tally.body_bytes += resp.body_len;
@@ -294,6 +326,148 @@ impl Shared {
                 Err(Failure::StaleConnection(e))
             }
             Err(e) => Err(Failure::Other(classify(&e, "read"), format!("read: {e}"))),
+        }
+    }
+
+    /// The pauses of a slow reader before it takes piece `piece` (0-based) of a response body:
+    /// `--read-delay-ms` before every piece, plus `--read-pause-ms` after the first one.
+    fn slow_down(&self, piece: u64) {
+        let mut pause = self.read_delay;
+        if piece == 1 {
+            pause += self.read_pause;
+        }
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
+    }
+
+    /// Pipelined exchange: writes all of `reqs` (in `--pipeline-writes` writes), then reads their
+    /// responses in order. Returns how many were answered with a 2xx and, on success, whether the
+    /// connection can be reused.
+    fn exchange_batch(
+        &self,
+        conn: &mut Conn,
+        reqs: &[Vec<u8>],
+        tally: &mut Tally,
+    ) -> (u64, Result<bool, Failure>) {
+        let Some(bound) = self.io_bound() else {
+            return (
+                0,
+                Err(Failure::Other("not_started", "deadline passed".into())),
+            );
+        };
+        let _ = conn.stream.set_write_timeout(Some(bound));
+        let _ = conn.stream.set_read_timeout(Some(bound));
+        let reused = conn.used > 0;
+        conn.used += reqs.len() as u64;
+        let writes = self.args.pipeline_writes.clamp(1, reqs.len().max(1));
+        let per_write = reqs.len().div_ceil(writes);
+        for group in reqs.chunks(per_write.max(1)) {
+            let bytes = group.concat();
+            if let Err(e) = conn.stream.write_all(&bytes) {
+                if reused && classify(&e, "write") == "reset" {
+                    return (0, Err(Failure::StaleConnection(e)));
+                }
+                return (
+                    0,
+                    Err(Failure::Other(classify(&e, "write"), format!("write: {e}"))),
+                );
+            }
+            tally.bytes_sent += bytes.len() as u64;
+        }
+        for k in 0..reqs.len() {
+            let answered = k as u64;
+            let (mut body, mut pieces) = (0u64, 0u64);
+            match http::read_response(&mut conn.reader, &mut |b| {
+                self.slow_down(pieces);
+                pieces += 1;
+                body += b.len() as u64;
+            }) {
+                Ok(Some(resp)) => {
+                    *tally.status.entry(resp.status).or_default() += 1;
+                    tally.body_bytes += resp.body_len;
+                    if !(200..300).contains(&resp.status) {
+                        let msg = format!("status {}", resp.status);
+                        return (answered, Err(Failure::Other("status", msg)));
+                    }
+                    if k + 1 == reqs.len() {
+                        return (answered + 1, Ok(resp.keep_alive));
+                    }
+                    if !resp.keep_alive {
+                        let msg = "server closed with pipelined requests unanswered".into();
+                        return (answered + 1, Err(Failure::Other("eof", msg)));
+                    }
+                }
+                Ok(None) if reused && k == 0 => {
+                    let e =
+                        io::Error::new(io::ErrorKind::UnexpectedEof, "closed before the response");
+                    return (0, Err(Failure::StaleConnection(e)));
+                }
+                Ok(None) => {
+                    return (
+                        answered,
+                        Err(Failure::Other("eof", "closed before the response".into())),
+                    )
+                }
+                Err(e) if reused && body == 0 && k == 0 && classify(&e, "read") == "reset" => {
+                    return (0, Err(Failure::StaleConnection(e)))
+                }
+                Err(e) => {
+                    let kind = classify(&e, "read");
+                    return (answered, Err(Failure::Other(kind, format!("read: {e}"))));
+                }
+            }
+        }
+        (reqs.len() as u64, Ok(true))
+    }
+
+    /// Sends the requests `batch` pipelined on `conn` (a keep-alive connection, opened if none).
+    /// Retries the whole batch once on a fresh connection if a reused one turns out closed.
+    fn request_batch(&self, batch: &[u64], conn: &mut Option<Conn>, tally: &mut Tally) {
+        let paths: Vec<String> = batch.iter().map(|&i| self.path(i)).collect();
+        let reqs: Vec<Vec<u8>> = paths.iter().map(|p| self.request_bytes(p, false)).collect();
+        tally.attempted += batch.len() as u64;
+        let started = Instant::now();
+        let mut retried = false;
+        let (answered, result) = loop {
+            if conn.is_none() {
+                match self.connect(tally) {
+                    Ok(c) => *conn = Some(c),
+                    Err(f) => break (0, Err(f)),
+                }
+            }
+            let c = conn.as_mut().expect("connected above");
+            match self.exchange_batch(c, &reqs, tally) {
+                (0, Err(Failure::StaleConnection(_))) if !retried => {
+                    retried = true;
+                    tally.retries += 1;
+                    *conn = None;
+                }
+                other => break other,
+            }
+        };
+        tally.ok += answered;
+        let us = started.elapsed().as_micros() as u64;
+        tally
+            .latencies_us
+            .extend(std::iter::repeat_n(us, answered as usize));
+        match result {
+            Ok(true) => {}
+            Ok(false) => {
+                if let Some(c) = conn.take() {
+                    finish_close(c, self.io_timeout);
+                }
+            }
+            Err(f) => {
+                *conn = None;
+                let (kind, msg) = match f {
+                    Failure::StaleConnection(e) => (classify(&e, "read"), e.to_string()),
+                    Failure::Other(kind, msg) => (kind, msg),
+                };
+                for path in &paths[answered as usize..] {
+                    tally.error(kind, format!("{path}: {msg}"));
+                }
+            }
         }
     }
 
@@ -347,6 +521,28 @@ impl Shared {
     }
 }
 
+/// Sets SO_RCVBUF on a connected socket.
+fn set_rcvbuf(stream: &TcpStream, bytes: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = i32::try_from(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "--rcvbuf above 2^31"))?;
+    // SAFETY: `value` lives across the call and the length passed is its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// After a `Connection: close` exchange, wait (briefly, bounded) for the server's FIN so the server
 /// closes first, as with ordinary clients; then drop the socket.
 fn finish_close(mut c: Conn, io_timeout: Duration) {
@@ -387,6 +583,8 @@ fn run(args: Args) -> LoadReport {
         start,
         body,
         next: AtomicU64::new(0),
+        read_delay: Duration::from_millis(args.read_delay_ms),
+        read_pause: Duration::from_millis(args.read_pause_ms),
         args,
     });
     let n = shared.args.requests;
@@ -416,9 +614,25 @@ fn run(args: Args) -> LoadReport {
                         let mut t = Tally::default();
                         let mut conn = None;
                         let mut i = j;
-                        while i < n && s.pace(i) {
-                            s.request(i, &mut conn, true, &mut t);
-                            i += c;
+                        let depth = s.args.pipeline.max(1);
+                        if depth == 1 {
+                            while i < n && s.pace(i) {
+                                s.request(i, &mut conn, true, &mut t);
+                                i += c;
+                            }
+                            return t;
+                        }
+                        let mut batch = Vec::with_capacity(depth);
+                        loop {
+                            batch.clear();
+                            while batch.len() < depth && i < n && s.pace(i) {
+                                batch.push(i);
+                                i += c;
+                            }
+                            if batch.is_empty() {
+                                break;
+                            }
+                            s.request_batch(&batch, &mut conn, &mut t);
                         }
                         t
                     })
@@ -493,6 +707,18 @@ fn main() {
     if args.path_prefix.contains(|c: char| c.is_whitespace()) || !args.path_prefix.starts_with('/')
     {
         eprintln!("httpload: --path-prefix must start with '/' and contain no whitespace");
+        std::process::exit(2);
+    }
+    if args.pipeline == 0 {
+        eprintln!("httpload: --pipeline N must be at least 1");
+        std::process::exit(2);
+    }
+    if args.pipeline > 1 && args.mode != Mode::Keepalive {
+        eprintln!("httpload: --pipeline N above 1 needs --mode keepalive");
+        std::process::exit(2);
+    }
+    if args.pipeline_writes == 0 || args.pipeline_writes > args.pipeline {
+        eprintln!("httpload: --pipeline-writes W must be in 1..=--pipeline");
         std::process::exit(2);
     }
     let json = args.json;

@@ -27,6 +27,8 @@ struct Args {
     interface: Option<String>,
     #[command(flatten)]
     dpdk: cli::DpdkArgs,
+    #[command(flatten)]
+    metrics: pipelines::metrics::MetricsArgs,
     /// Capture filter (pcap syntax) selecting the target's replies, e.g. "tcp and src port 8080"
     #[arg(short = 'F', value_name = "FILTER")]
     filter: String,
@@ -171,12 +173,16 @@ fn run() -> anyhow::Result<()> {
         config.workers,
         if config.single { ", --single" } else { "" }
     );
+    let mut metrics =
+        pipelines::metrics::MetricsExporter::start(&args.metrics, config.stats_interval)?;
     let intercept = Intercept::start(config).context("intercept cannot start")?;
     while !stop.load(Ordering::Relaxed) && intercept.is_running() {
         std::thread::sleep(Duration::from_millis(50));
+        metrics.tick(std::time::Instant::now(), || intercept.stats());
     }
     tracing::info!("stopping");
     let stats = intercept.join()?;
+    metrics.finish(&stats);
     tracing::info!("final: {}", stats.line());
     Ok(())
 }

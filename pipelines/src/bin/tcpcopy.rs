@@ -1,5 +1,6 @@
 //! `tcpcopy`: replays the TCP sessions that clients open to an online server onto a target
-//! server, with the flags of the C tool (`-x -c -s -C -p -t -k -W -O -l -d -P -h -v`).
+//! server, with the flags of the C tool (`-x -c -s -C -p -n -f -r -g -H -M -D -t -k -W -O -l -d
+//! -P -h -v`).
 
 use anyhow::Context;
 use clap::{ArgAction, Parser};
@@ -8,9 +9,13 @@ use engine::session::{Pacing, SessionConfig};
 use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
 use hdrhistogram::serialization::V2Serializer;
 use pipelines::cli;
+use pipelines::tcpcopy::copies::{PortPlan, Sampling};
+use pipelines::tcpcopy::ingress::IngressOptions;
 use pipelines::tcpcopy::latency::Latency;
 use pipelines::tcpcopy::transform::{capture_filter, parse_transfers, ClientAddrs};
 use pipelines::tcpcopy::{Tcpcopy, TcpcopyConfig, TcpcopyStats};
+use pipelines::tcpcopy::offline::OfflineConfig;
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
@@ -33,9 +38,15 @@ struct Args {
     /// Transfers: [onlineIP:]onlinePort-targetIP:targetPort[,...] (e.g. 80-10.0.0.30:8080)
     #[arg(short = 'x', value_name = "TRANSFERS")]
     transfers: String,
-    /// intercept addresses: ip[:port][,...] (e.g. 10.0.0.40 or 10.0.0.40:36524,10.0.0.41)
+    /// intercept addresses: ip[:port][,...] (e.g. 10.0.0.40 or 10.0.0.40:36524,10.0.0.41);
+    /// required except with --udp
     #[arg(short = 's', value_name = "SERVERS")]
-    servers: String,
+    servers: Option<String>,
+    /// UDP replay: send the datagrams clients send to the -x ports to the target (stateless:
+    /// no sessions, no intercept, no -s); IP fragments are reassembled, and datagrams larger
+    /// than -M are fragmented
+    #[arg(long, action = ArgAction::SetTrue)]
+    udp: bool,
     /// Interface to capture client requests on (e.g. eth0); or use --dpdk-rx
     #[arg(short = 'i', value_name = "INTERFACE")]
     interface: Option<String>,
@@ -63,9 +74,37 @@ struct Args {
     /// Do not wait for the target's response before sending the next request
     #[arg(short = 'W', action = ArgAction::SetTrue)]
     no_wait: bool,
-    /// Replay only sessions whose SYN was captured (the only mode of this version)
+    /// Replay only sessions whose SYN was captured (default: sessions captured mid-stream
+    /// start with a fabricated handshake, and sessions the target resets are rebuilt)
     #[arg(short = 'O', action = ArgAction::SetTrue)]
     only_syn: bool,
+    /// Replay every session N times (1..=1023): the original plus N-1 copies from other
+    /// client ports (and other -c addresses), e.g. -n 3 for three times production
+    #[arg(short = 'n', value_name = "N", default_value_t = 1)]
+    copies: u16,
+    /// Instance number 0..=31 of this tcpcopy when several replay to one target: each
+    /// instance shifts its client ports by 2048*N so their sessions never collide, e.g. -f 1
+    #[arg(short = 'f', value_name = "N", default_value_t = 0)]
+    instance: u8,
+    /// Replay this percentage of the sessions (1..=100), chosen by client address and port:
+    /// whole sessions, the same ones on every run, e.g. -r 10
+    #[arg(short = 'r', value_name = "PERCENT")]
+    sample: Option<u32>,
+    /// Ramp up: replay 1% of the sessions in the first second, one percent more each second,
+    /// all after 100 s (overrides -r)
+    #[arg(short = 'g', action = ArgAction::SetTrue)]
+    ramp: bool,
+    /// Replace the client address 127.0.0.1 (traffic from local clients) by this address,
+    /// which the target routes to the assistant, e.g. -H 10.9.9.1
+    #[arg(short = 'H', value_name = "IP")]
+    localhost_as: Option<std::net::Ipv4Addr>,
+    /// MTU towards the target (576..=65535): captured packets longer than this (merged by
+    /// GRO/LRO on the capture interface) are split into segments that fit
+    #[arg(short = 'M', value_name = "BYTES", default_value_t = 1500)]
+    mtu: u16,
+    /// MSS option of the SYNs fabricated for sessions captured mid-stream
+    #[arg(short = 'D', value_name = "BYTES", default_value_t = 1460)]
+    fake_mss: u16,
     /// Keep running when every intercept is unreachable (always so: connections are retried)
     #[arg(short = 'L', action = ArgAction::SetTrue)]
     lonely: bool,
@@ -101,6 +140,8 @@ struct Args {
     /// Write the latency histograms as an HdrHistogram interval log (one interval per --stats-interval)
     #[arg(long, value_name = "FILE")]
     histogram_log: Option<PathBuf>,
+    #[command(flatten)]
+    metrics: pipelines::metrics::MetricsArgs,
     /// Log level: error, warn, info, debug, trace
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     log_level: String,
@@ -118,6 +159,27 @@ struct Args {
     /// intercept needs the same --auth-file)
     #[arg(long, value_name = "FILE")]
     auth_file: Option<PathBuf>,
+    /// Replay the client packets of this pcap or pcapng file instead of capturing live (Ethernet,
+    /// Linux SLL/SLL2, raw IP or loopback captures; tcpcopy exits when the replay is over)
+    #[arg(
+        long = "pcap",
+        visible_alias = "offline",
+        value_name = "FILE",
+        conflicts_with_all = ["interface", "dpdk_rx", "dpdk_tx", "dpdk_vdev", "dpdk_pci"]
+    )]
+    pcap: Option<PathBuf>,
+    /// With --pcap: replay N times faster than captured, 0.01..=1000000 (0.5: half speed)
+    #[arg(short = 'a', value_name = "N", default_value_t = 1.0, requires = "pcap")]
+    acceleration: f64,
+    /// With --pcap: gaps longer than MS milliseconds between replayed packets are skipped (0: off)
+    #[arg(short = 'I', value_name = "MS", default_value_t = 0, requires = "pcap")]
+    idle_gap_ms: u64,
+    /// With --pcap: replay the file N times, each round once the previous one's sessions ended
+    #[arg(short = 'T', value_name = "N", default_value_t = 1, requires = "pcap")]
+    rounds: u32,
+    /// With --pcap: seconds a round waits after the end of the file for open sessions to end
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0, requires = "pcap")]
+    offline_tail_s: f64,
 }
 
 fn main() {
@@ -135,7 +197,16 @@ fn run() -> anyhow::Result<()> {
         .as_deref()
         .map(|c| ClientAddrs::parse(c, &transfers))
         .transpose()?;
-    let intercepts = cli::parse_servers(&args.servers, args.port)?;
+    if args.udp {
+        return run_udp(&args, transfers, clients);
+    }
+    let servers = args.servers.as_deref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "tcpcopy needs -s SERVERS, the intercept addresses ip[:port][,...], e.g. -s 10.0.0.40 \
+             (only --udp runs without intercept)"
+        )
+    })?;
+    let intercepts = cli::parse_servers(servers, args.port)?;
     if !(1..=16).contains(&args.connections) {
         anyhow::bail!(
             "bad -C value {}: use 1..16 connections per intercept",
@@ -166,10 +237,15 @@ fn run() -> anyhow::Result<()> {
         (Some(i), None) => i.clone(),
         (None, Some(d)) => d.rx_device.clone(),
         (Some(_), Some(_)) => anyhow::bail!("give -i INTERFACE or --dpdk-rx DEVICE, not both"),
-        (None, None) => anyhow::bail!(
-            "tell tcpcopy where to capture: -i INTERFACE (e.g. -i eth0) or --dpdk-rx DEVICE"
-        ),
+        (None, None) => match &args.pcap {
+            Some(file) => file.display().to_string(),
+            None => anyhow::bail!(
+                "tell tcpcopy where to capture: -i INTERFACE (e.g. -i eth0), --dpdk-rx DEVICE or \
+                 --pcap FILE"
+            ),
+        },
     };
+    let offline = offline_config(&args, &transfers)?;
     let filter = args
         .filter
         .clone()
@@ -186,9 +262,34 @@ fn run() -> anyhow::Result<()> {
         keepalive: args
             .keepalive
             .map_or(timeout + Duration::from_secs(120), Duration::from_secs),
+        mid_stream: !args.only_syn,
+        fake_syn_mss: args.fake_mss,
         ..SessionConfig::default()
     };
+    if args.mtu < pipelines::tcpcopy::ingress::MIN_MTU {
+        anyhow::bail!(
+            "bad -M value {}: the MTU towards the target must be 576..=65535, e.g. -M 1500",
+            args.mtu
+        );
+    }
+    if !(64..=65495).contains(&args.fake_mss) {
+        anyhow::bail!(
+            "bad -D value {}: the MSS of fabricated SYNs must be 64..=65495, e.g. -D 1460",
+            args.fake_mss
+        );
+    }
+    let ingress = IngressOptions {
+        plan: PortPlan::new(args.copies, args.instance, args.workers)?,
+        sampling: match (args.ramp, args.sample) {
+            (true, _) => Sampling::ramp(),
+            (false, Some(percent)) => Sampling::percent(percent)?,
+            (false, None) => Sampling::all(),
+        },
+        localhost_as: args.localhost_as,
+        mtu: args.mtu,
+    };
     let config = TcpcopyConfig {
+        offline,
         transfers,
         clients,
         interface: interface.clone(),
@@ -212,6 +313,7 @@ fn run() -> anyhow::Result<()> {
         workers: args.workers,
         cores,
         dpdk,
+        ingress,
         transport: args.transport,
         auth: args
             .auth_file
@@ -242,6 +344,8 @@ fn run() -> anyhow::Result<()> {
         config.intercepts
     );
     let interval = config.stats_interval.unwrap_or(Duration::from_secs(5));
+    let mut metrics =
+        pipelines::metrics::MetricsExporter::start(&args.metrics, config.stats_interval)?;
     let tcpcopy = Tcpcopy::start(config).context("tcpcopy cannot start")?;
     let dump = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGUSR1, dump.clone())
@@ -257,6 +361,7 @@ fn run() -> anyhow::Result<()> {
         if dump.swap(false, Ordering::Relaxed) {
             report_latency(&tcpcopy.stats());
         }
+        metrics.tick(Instant::now(), || tcpcopy.stats());
         if let Some(log) = log.as_mut() {
             if last_log.elapsed() >= interval {
                 last_log = Instant::now();
@@ -270,8 +375,124 @@ fn run() -> anyhow::Result<()> {
         log.write(&stats.latency())?;
     }
     report_latency(&stats);
+    metrics.finish(&stats);
     tracing::info!("final: {}", stats.line());
     Ok(())
+}
+
+/// `--udp`: stateless UDP replay (spec §6.1), no sessions and no intercept.
+fn run_udp(
+    args: &Args,
+    transfers: Vec<pipelines::tcpcopy::transform::Transfer>,
+    clients: Option<ClientAddrs>,
+) -> anyhow::Result<()> {
+    use pipelines::udpcopy::{self, ReassemblyConfig, ReplayConfig, Udpcopy, UdpcopyConfig};
+    let Some(interface) = args.interface.clone() else {
+        anyhow::bail!("tell tcpcopy --udp where to capture: -i INTERFACE (e.g. -i eth0)");
+    };
+    if args.dpdk.settings()?.is_some() {
+        anyhow::bail!("--udp captures on kernel interfaces only: use -i INTERFACE, not --dpdk-*");
+    }
+    if args.mtu < 576 {
+        anyhow::bail!(
+            "bad -M value {}: the MTU towards the target must be 576..=65535, e.g. -M 1500",
+            args.mtu
+        );
+    }
+    for (given, flag) in [
+        (args.sample.is_some(), "-r"),
+        (args.ramp, "-g"),
+        (args.localhost_as.is_some(), "-H"),
+    ] {
+        if given {
+            anyhow::bail!("{flag} is for TCP sessions; --udp replays every datagram");
+        }
+    }
+    let filter = args
+        .filter
+        .clone()
+        .unwrap_or_else(|| udpcopy::capture_filter(&transfers));
+    let config = UdpcopyConfig {
+        replay: ReplayConfig {
+            plan: PortPlan::new(args.copies, args.instance, 1)?,
+            transfers,
+            clients,
+            mtu: usize::from(args.mtu),
+            reassembly: ReassemblyConfig::default(),
+        },
+        interface,
+        filter,
+        output_interface: args.output_interface.clone(),
+        stats_interval: (args.stats_interval > 0).then(|| Duration::from_secs(args.stats_interval)),
+        busy_poll: args.busy_poll,
+    };
+    if args.daemon {
+        cli::daemonize()?;
+    }
+    cli::init_logging(args.log.as_deref(), &args.log_level)?;
+    let _pid = args
+        .pid_file
+        .as_deref()
+        .map(cli::PidFile::create)
+        .transpose()?;
+    let stop = cli::stop_flag(!args.daemon)?;
+    let (interface, filter) = (config.interface.clone(), config.filter.clone());
+    let udp = Udpcopy::start(config).context("tcpcopy --udp cannot start")?;
+    tracing::info!(
+        "tcpcopy {} udp replay started: -x {} -i {interface} filter \"{filter}\" -M {}",
+        env!("CARGO_PKG_VERSION"),
+        args.transfers,
+        args.mtu
+    );
+    let dump = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, dump.clone())
+        .context("install the SIGUSR1 handler")?;
+    while !stop.load(Ordering::Relaxed) && udp.is_running() {
+        std::thread::sleep(Duration::from_millis(50));
+        if dump.swap(false, Ordering::Relaxed) {
+            tracing::info!("{}", udp.stats().line());
+        }
+    }
+    tracing::info!("stopping");
+    let stats = udp.join()?;
+    tracing::info!("final: {}", stats.line());
+    Ok(())
+}
+
+/// The `--pcap` settings, checked (`None` without `--pcap`).
+fn offline_config(
+    args: &Args,
+    transfers: &[pipelines::tcpcopy::transform::Transfer],
+) -> anyhow::Result<Option<OfflineConfig>> {
+    let Some(path) = &args.pcap else {
+        return Ok(None);
+    };
+    if args.workers != 1 {
+        anyhow::bail!(
+            "--pcap replays on one worker: drop --workers {} (or give --workers 1)",
+            args.workers
+        );
+    }
+    if !(args.offline_tail_s.is_finite() && (0.0..=86_400.0).contains(&args.offline_tail_s)) {
+        anyhow::bail!(
+            "bad --offline-tail-s value {}: seconds from 0 to 86400, e.g. --offline-tail-s 5",
+            args.offline_tail_s
+        );
+    }
+    let config = OfflineConfig {
+        path: path.clone(),
+        filter: args
+            .filter
+            .clone()
+            .unwrap_or_else(|| capture_filter(transfers)),
+        acceleration: args.acceleration,
+        idle_gap: (args.idle_gap_ms > 0).then(|| Duration::from_millis(args.idle_gap_ms)),
+        rounds: args.rounds,
+        tail: Duration::from_secs_f64(args.offline_tail_s),
+        progress: std::io::stderr().is_terminal() && args.log.is_none() && !args.daemon,
+    };
+    config.validate()?;
+    Ok(Some(config))
 }
 
 /// Logs each worker's counters and histograms, then the merged histograms.

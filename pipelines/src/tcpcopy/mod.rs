@@ -13,8 +13,10 @@
 //! - Workers busy-poll, and park in `poll(2)` on their capture socket after a few empty rounds
 //!   (unless `busy_poll`); the control thread wakes a parked worker when it queues replies.
 
+pub mod copies;
 pub mod ingress;
 pub mod latency;
+pub mod offline;
 pub mod transform;
 
 use self::ingress::{Ingress, IngressStats, LinkType};
@@ -87,6 +89,10 @@ pub struct TcpcopyConfig {
     pub transport: engine::control::Transport,
     /// Control channel shared secret (authentication on when set).
     pub auth: Option<engine::control::Secret>,
+    /// Replay this capture file (`--pcap`) instead of capturing on `interface`; one worker.
+    pub offline: Option<offline::OfflineConfig>,
+    /// Copies (`-n`, `-f`), sampling (`-r`, `-g`), `-H` and `-M`.
+    pub ingress: ingress::IngressOptions,
 }
 
 /// What one worker counted, published a few times a second.
@@ -202,9 +208,10 @@ impl TcpcopyStats {
         let _ = write!(
             line,
             "captured {} capture-drops {} accepted {} (data {}) dropped: malformed {}: truncated {} bad-version {} bad-ihl {} \
-             bad-total-len {} bad-data-offset {} bad-options {} cut-short {} | no-transfer {} not-tcp {} fragments {} | \
-             sessions {} created {} established {} closed {} client-rst {} target-rst {} timed-out {} gave-up {} \
-             port-reuse-reset {} port-reuse-replaced {} stale-at-target {} table-full {} no-session {} queue-full {} client-retransmits {} | sent {} data {} syn {} fin {} rst {} acks {} \
+             bad-total-len {} bad-data-offset {} bad-options {} cut-short {} | no-transfer {} not-tcp {} fragments {} \
+             sampled-out {} copies {} split {} (pieces {}) localhost-rewritten {} | \
+             sessions {} created {} mid-stream {} reconstructed {} established {} closed {} client-rst {} target-rst {} timed-out {} gave-up {} \
+             port-reuse-reset {} port-reuse-replaced {} stale-at-target {} table-full {} no-session {} queue-full {} client-retransmits {} hole-fills {} | sent {} data {} syn {} fin {} rst {} acks {} \
              retransmits {} pace-releases {} tx-errors {} | replies {} (data {}) unmatched {} | \
              control up {} sent {} dropped {} reconnects {} queue-full {} udp-lost {} udp-rejected {} \
              udp-replayed {} auth-failures {}",
@@ -223,8 +230,15 @@ impl TcpcopyStats {
             i.no_transfer,
             i.not_tcp + i.not_ipv4,
             i.fragments,
+            i.sampled_out,
+            i.copies_made,
+            i.split_packets,
+            i.split_pieces,
+            i.localhost_rewritten,
             self.table_len,
             s.created,
+            s.mid_stream_created,
+            s.reconstructed,
             s.established,
             s.closed,
             s.client_resets,
@@ -238,6 +252,7 @@ impl TcpcopyStats {
             s.client_no_session,
             s.queue_full,
             s.client_retransmits,
+            s.client_hole_fills,
             s.sent_segments + s.sent_acks,
             s.sent_data,
             s.sent_syn,
@@ -340,7 +355,12 @@ impl Tcpcopy {
         let workers = config.workers.max(1);
         let opened = match &config.dpdk {
             Some(settings) => crate::ports::open_dpdk(settings, "tcpcopy", workers, true)?,
-            None => open_kernel_ports(&config, workers)?,
+            None => match &config.offline {
+                Some(file) => {
+                    offline::open_ports(file, config.output_interface.as_deref(), workers)?
+                }
+                None => open_kernel_ports(&config, workers)?,
+            },
         };
         let crate::ports::OpenedPorts {
             rx: captures,
@@ -355,8 +375,22 @@ impl Tcpcopy {
         client_config.lonely = true;
         client_config.transport = config.transport;
         client_config.auth = config.auth.clone();
-        let client =
+        let mut client =
             ControlClient::new(client_config).context("cannot set up the control channel")?;
+        if config.offline.is_some() {
+            // A file replay starts at once: its first sessions need intercept listening (the
+            // C tool connects before it reads the file, too).
+            let wait = Duration::from_secs(10);
+            if !client
+                .wait_connected(wait, &mut |_| {})
+                .context("control channel")?
+            {
+                anyhow::bail!(
+                    "--pcap: intercept {:?} not reachable within {wait:?}; start intercept first",
+                    config.intercepts
+                );
+            }
+        }
         let control_waker = client.waker();
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -386,7 +420,11 @@ impl Tcpcopy {
                 capture,
                 transmit,
                 batch: TxBatch::new(BURST * 2),
-                ingress: Ingress::new(config.transfers.clone(), config.clients.clone()),
+                ingress: Ingress::with_options(
+                    config.transfers.clone(),
+                    config.clients.clone(),
+                    config.ingress,
+                ),
                 table: SessionTable::new(config.session.clone()),
                 replies: reply_rx,
                 to_control,
@@ -615,6 +653,14 @@ impl Worker {
         while !stop.load(Ordering::Relaxed) {
             let now = epoch.elapsed();
             let (received, replies) = self.iterate(now)?;
+            if received == 0 {
+                // A capture file replay: tell it whether sessions are still open; it ends a
+                // round only when none is, and says when the last round is over.
+                self.capture.consumer_idle(self.table.active() == 0);
+                if self.capture.finished() {
+                    break;
+                }
+            }
             if last_publish.elapsed() >= PUBLISH_EVERY {
                 last_publish = Instant::now();
                 publishes += 1;
@@ -694,14 +740,18 @@ impl Worker {
         // the whole burst at once (it prefetches the sessions' entries ahead of use).
         let received = capture
             .rx_burst(BURST, &mut |frame| {
-                let buf = &mut frames[metas.len()];
-                if let Some((key, seg)) =
-                    ingress.process(frame.data, frame.wire_len, LinkType::Ethernet, buf)
-                {
-                    metas.push((key, seg));
-                    if frame.timestamp_ns != 0 {
-                        stamps.push(frame.timestamp_ns);
-                    }
+                // One frame may make several packets (-n copies, -M splits).
+                let before = metas.len();
+                ingress.process_all(
+                    frame.data,
+                    frame.wire_len,
+                    LinkType::Ethernet,
+                    now,
+                    frames,
+                    metas,
+                );
+                if metas.len() > before && frame.timestamp_ns != 0 {
+                    stamps.push(frame.timestamp_ns);
                 }
             })
             .context("capture failed")?;

@@ -190,9 +190,17 @@ impl ClientAddrs {
     /// so it needs no memory, is the same in every worker and survives restarts).
     #[inline]
     pub fn map(&self, client: Ipv4Addr) -> Ipv4Addr {
+        self.map_copy(client, 0)
+    }
+
+    /// The replay address of copy `copy` (`-n`; 0 = the original) of a client: the next
+    /// addresses of the list after the original's, so copies use distinct addresses while
+    /// the list is at least as long as the number of copies.
+    #[inline]
+    pub fn map_copy(&self, client: Ipv4Addr, copy: u16) -> Ipv4Addr {
         let h = u32::from(client).wrapping_mul(0x9E37_79B1);
         let h = (h ^ (h >> 15)).wrapping_mul(0x85EB_CA77);
-        self.addrs[(h as usize) % self.addrs.len()]
+        self.addrs[(h as usize + usize::from(copy)) % self.addrs.len()]
     }
 
     /// All addresses.

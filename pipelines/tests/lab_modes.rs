@@ -1,0 +1,355 @@
+//! Replay modes in the lab (issue 5): sessions captured mid-stream (and `-O`), `-n` copies and
+//! `-r` sampling, with real nginx servers and the real `tcpcopy` and `intercept` binaries.
+//!
+//! Run as root (`scripts/test.sh` does); under `CI=true` a non-root run fails loudly. Each test
+//! builds its own lab and removes it, also when it fails. Run them one at a time.
+
+use lab::{Host, Lab, Proc};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::time::{Duration, Instant};
+
+const TCPCOPY: &str = env!("CARGO_BIN_EXE_tcpcopy");
+const INTERCEPT: &str = env!("CARGO_BIN_EXE_intercept");
+
+fn start_intercept(lab: &Lab) -> Proc {
+    let mut intercept = lab
+        .spawn(
+            Host::Assistant,
+            INTERCEPT,
+            &["-i", "eth0", "-F", "tcp and src host 10.77.0.30"],
+        )
+        .expect("start intercept");
+    intercept
+        .wait_for_log("starting", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("intercept did not start: {e:#}\n{}", intercept.log()));
+    lab.wait_port(
+        Host::Online,
+        "10.77.0.40:36524".parse().unwrap(),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("intercept is not listening: {e:#}\n{}", intercept.log()));
+    intercept
+}
+
+fn start_tcpcopy(lab: &Lab, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "-i",
+        "eth0",
+        "-x",
+        "80-10.77.0.30:8080",
+        "-s",
+        "10.77.0.40",
+        "--stats-interval",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    let mut tcpcopy = lab
+        .spawn(Host::Online, TCPCOPY, &args)
+        .expect("start tcpcopy");
+    tcpcopy
+        .wait_for_log("connected to intercept", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("tcpcopy did not connect: {e:#}\n{}", tcpcopy.log()));
+    tcpcopy
+}
+
+/// Stops tcpcopy and returns its final statistics line.
+fn final_line(tcpcopy: &mut Proc) -> String {
+    tcpcopy.stop();
+    let log = tcpcopy.log();
+    log.lines()
+        .rev()
+        .find(|l| l.contains("final:"))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("tcpcopy printed no final statistics:\n{log}"))
+}
+
+/// The value after `name ` in a statistics line.
+fn counter(line: &str, name: &str) -> u64 {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[0] == name)
+        .and_then(|w| {
+            w[1].trim_matches(|c: char| !c.is_ascii_digit())
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no counter '{name}' in: {line}"))
+}
+
+/// 20 keep-alive connections are open and sending when tcpcopy starts. Returns the paths the
+/// online server answered after tcpcopy was capturing, the target's paths, tcpcopy's final line
+/// and the number of distinct connections the online server saw.
+fn midstream_run(extra: &[&str]) -> (Vec<String>, Vec<String>, String, usize) {
+    let lab = Lab::up().expect("lab up");
+    let online = lab.nginx(Host::Online, 80).expect("online nginx");
+    let target = lab.nginx(Host::Target, 8080).expect("target nginx");
+    let mut intercept = start_intercept(&lab);
+    lab::build_lab_bins().expect("build the lab's binaries");
+    let mut load = lab
+        .spawn(
+            Host::Client,
+            lab::workspace_bin("httpload"),
+            &[
+                "--target",
+                "10.77.0.20:80",
+                "--mode",
+                "keepalive",
+                "--connections",
+                "20",
+                "--requests",
+                "1200",
+                "--rate",
+                "150",
+                "--path-prefix",
+                "/m/",
+            ],
+        )
+        .expect("start httpload");
+    // Let every connection carry requests before tcpcopy exists.
+    let started = online.wait_count(200, Duration::from_secs(30));
+    assert!(started >= 200, "the load did not start:\n{}", load.log());
+    let mut tcpcopy = start_tcpcopy(&lab, extra);
+    // The capture is open once tcpcopy is connected; requests logged from here on were sent
+    // while it captured (a request in flight now may or may not be seen: skip a few).
+    std::thread::sleep(Duration::from_millis(300));
+    let from = online.count() + 20;
+    let status = load
+        .wait_exit(Duration::from_secs(60))
+        .expect("httpload ends");
+    assert!(status.success(), "httpload failed:\n{}", load.log());
+    let online_entries = online.entries();
+    assert_eq!(online_entries.len(), 1200, "online requests");
+    let connections: HashSet<u64> = online_entries.iter().map(|e| e.connection).collect();
+    let after: Vec<String> = online_entries[from..]
+        .iter()
+        .map(|e| e.uri.clone())
+        .collect();
+    target.settle(Duration::from_secs(2), Duration::from_secs(30));
+    let line = final_line(&mut tcpcopy);
+    intercept.stop();
+    (after, target.paths(), line, connections.len())
+}
+
+/// Issue 5, test 1: every request sent after tcpcopy started arrives at the target, although
+/// its connection opened before (a fabricated handshake per connection).
+#[test]
+fn sessions_open_before_the_start_are_replayed() {
+    if !lab::require_root() {
+        return;
+    }
+    let (after, at_target, line, connections) = midstream_run(&[]);
+    assert_eq!(connections, 20, "the load used 20 keep-alive connections");
+    let seen: HashSet<&String> = at_target.iter().collect();
+    let missing: Vec<&String> = after.iter().filter(|p| !seen.contains(p)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} requests sent after the start are missing at the target (e.g. {:?})\n{line}",
+        missing.len(),
+        after.len(),
+        missing.iter().take(5).collect::<Vec<_>>()
+    );
+    let mut counts: BTreeMap<&String, usize> = BTreeMap::new();
+    for p in &at_target {
+        *counts.entry(p).or_default() += 1;
+    }
+    assert!(counts.values().all(|n| *n == 1), "a path doubled\n{line}");
+    assert_eq!(counter(&line, "mid-stream"), 20, "{line}");
+    assert_eq!(counter(&line, "created"), 20, "{line}");
+    println!(
+        "mid-stream: {} requests after the start, all {} at the target; {line}",
+        after.len(),
+        at_target.len()
+    );
+}
+
+/// Issue 5, test 1 with `-O`: none of those connections is replayed.
+#[test]
+fn with_o_sessions_open_before_the_start_are_not_replayed() {
+    if !lab::require_root() {
+        return;
+    }
+    let (after, at_target, line, _) = midstream_run(&["-O"]);
+    assert!(after.len() > 500, "{}", after.len());
+    assert!(
+        at_target.is_empty(),
+        "{:?}\n{line}",
+        &at_target[..5.min(at_target.len())]
+    );
+    assert_eq!(counter(&line, "created"), 0, "{line}");
+    assert!(counter(&line, "no-session") > 500, "{line}");
+}
+
+/// Issue 5, test 5: `-n 3` gives three times the connections and requests at the target, and no
+/// two replayed sessions share a 4-tuple.
+#[test]
+fn three_copies_triple_the_sessions_without_port_collisions() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::up().expect("lab up");
+    let _online = lab.nginx(Host::Online, 80).expect("online nginx");
+    let target = lab.nginx(Host::Target, 8080).expect("target nginx");
+    let mut intercept = start_intercept(&lab);
+    let mut tcpcopy = start_tcpcopy(&lab, &["-n", "3", "--workers", "2"]);
+    for (mode, prefix) in [("close", "/c/"), ("keepalive", "/k/")] {
+        let report = lab
+            .httpload(
+                Host::Client,
+                &[
+                    "--target",
+                    "10.77.0.20:80",
+                    "--mode",
+                    mode,
+                    "--requests",
+                    "500",
+                    "--concurrency",
+                    "5",
+                    "--connections",
+                    "10",
+                    "--path-prefix",
+                    prefix,
+                ],
+            )
+            .expect("httpload runs");
+        assert!(report.all_ok(), "{report:?}");
+    }
+    let seen = target.wait_count(3000, Duration::from_secs(60));
+    target.settle(Duration::from_secs(2), Duration::from_secs(10));
+    let line = final_line(&mut tcpcopy);
+    intercept.stop();
+    let entries = target.entries();
+    assert_eq!(seen, 3000, "{line}");
+    assert_eq!(entries.len(), 3000, "{line}");
+    // Each path three times, from three different client ports.
+    let mut by_path: BTreeMap<&str, BTreeSet<u16>> = BTreeMap::new();
+    for e in &entries {
+        by_path.entry(&e.uri).or_default().insert(e.peer.port());
+    }
+    assert_eq!(by_path.len(), 1000, "{line}");
+    let bad: Vec<_> = by_path
+        .iter()
+        .filter(|(_, ports)| ports.len() != 3)
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "paths not from 3 ports: {:?}\n{line}",
+        &bad[..bad.len().min(5)]
+    );
+    // Three times the connections: 3 x 500 one-request connections and 3 x 10 keep-alive ones.
+    let connections: HashSet<u64> = entries.iter().map(|e| e.connection).collect();
+    assert_eq!(connections.len(), 1530, "{line}");
+    // A keep-alive connection at the target carries one session's requests only: its client
+    // port is the same in every entry.
+    let mut ports_of: BTreeMap<u64, BTreeSet<u16>> = BTreeMap::new();
+    for e in &entries {
+        ports_of
+            .entry(e.connection)
+            .or_default()
+            .insert(e.peer.port());
+    }
+    assert!(ports_of.values().all(|p| p.len() == 1), "{line}");
+    assert_eq!(counter(&line, "port-reuse-reset"), 0, "{line}");
+    assert_eq!(
+        counter(&line, "copies"),
+        counter(&line, "accepted") * 2,
+        "{line}"
+    );
+}
+
+/// 2,000 sequential requests, each on its own connection from source port 20000 + i.
+fn fixed_port_clients(lab: &Lab, run: u32) {
+    let script = format!(
+        r#"
+import socket, sys
+ok = 0
+for port in range(20000, 22000):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.settimeout(5)
+    s.bind(("10.77.0.10", port))
+    s.connect(("10.77.0.20", 80))
+    s.sendall(b"GET /r/%d/{run} HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n" % port)
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    if data.startswith(b"HTTP/1.1 "):
+        ok += 1
+print("ok", ok)
+sys.exit(0 if ok == 2000 else 1)
+"#
+    );
+    let out = lab
+        .run_timeout(
+            Host::Client,
+            "python3",
+            &["-c", &script],
+            Duration::from_secs(120),
+        )
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "client run {run} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Issue 5, test 5: `-r 50` replays 50% +- 5% of 2,000 sessions, whole, and the same sessions
+/// when tcpcopy runs again.
+#[test]
+fn sampling_half_replays_the_same_half_on_every_run() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::up().expect("lab up");
+    let _online = lab.nginx(Host::Online, 80).expect("online nginx");
+    let target = lab.nginx(Host::Target, 8080).expect("target nginx");
+    let mut intercept = start_intercept(&lab);
+    let mut runs: Vec<BTreeSet<u16>> = Vec::new();
+    for run in 1..=2u32 {
+        let mut tcpcopy = start_tcpcopy(&lab, &["-r", "50"]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        fixed_port_clients(&lab, run);
+        target.settle(Duration::from_secs(2), Duration::from_secs(30));
+        let line = final_line(&mut tcpcopy);
+        let suffix = format!("/{run}");
+        let ports: BTreeSet<u16> = target
+            .paths()
+            .iter()
+            .filter(|p| p.ends_with(&suffix))
+            .filter_map(|p| p.split('/').nth(2).and_then(|n| n.parse().ok()))
+            .collect();
+        let entries = target
+            .paths()
+            .iter()
+            .filter(|p| p.ends_with(&suffix))
+            .count();
+        assert_eq!(
+            entries,
+            ports.len(),
+            "a sampled session replayed twice\n{line}"
+        );
+        assert!(
+            (900..=1100).contains(&ports.len()),
+            "run {run}: {} of 2000 sessions replayed\n{line}",
+            ports.len()
+        );
+        let sampled_out = counter(&line, "sampled-out");
+        assert!(sampled_out > 0, "{line}");
+        println!(
+            "run {run}: {} of 2000 sessions replayed; {line}",
+            ports.len()
+        );
+        runs.push(ports);
+        // Let the online server's TIME_WAIT and tcpcopy's lingering sessions pass their
+        // shortest span before the same ports connect again.
+        std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+    }
+    intercept.stop();
+    assert_eq!(runs[0], runs[1], "the second run replayed other sessions");
+}
