@@ -10,7 +10,7 @@ die() { echo "setup.sh: $*" >&2; exit 1; }
 command -v dpkg-query >/dev/null || die "this script expects Debian/Ubuntu (dpkg, apt-get)"
 
 # package -> a command it provides (documentation only; the check is dpkg's state)
-PACKAGES=(libpcap-dev apache2-utils ethtool tcpdump iproute2 pkg-config wrk procps psmisc)
+PACKAGES=(libpcap-dev apache2-utils ethtool tcpdump iproute2 nftables pkg-config wrk procps psmisc)
 # DPDK ports (engine feature `dpdk`): headers and libraries, libclang for bindgen, and the
 # dpdk tools (dpdk-devbind.py, dpdk-hugepages.py).
 PACKAGES+=(libdpdk-dev libclang-dev dpdk)

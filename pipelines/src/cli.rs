@@ -1,18 +1,94 @@
 //! What both binaries share: logging, the pid file, daemon mode and signals.
 
 use anyhow::Context;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Environment variable that marks the re-executed daemon child.
 const DAEMON_CHILD: &str = "TCPCOPY_RS_DAEMON_CHILD";
 
-/// Sets up `tracing`: to the `-l` file (appended) or stderr, at `level`
-/// (`RUST_LOG` overrides).
+/// True once [`init_logging`] logs to a file: SIGHUP then reopens it (see [`stop_flag`]).
+static LOG_TO_FILE: AtomicBool = AtomicBool::new(false);
+
+/// The `-l` log file, reopened by its path at the first line after SIGHUP, so logrotate can
+/// rename it and signal (`postrotate kill -HUP PID`) without `copytruncate`.
+#[derive(Debug)]
+pub struct ReopenableLog {
+    path: PathBuf,
+    file: Mutex<std::fs::File>,
+    reopen: Arc<AtomicBool>,
+}
+
+impl ReopenableLog {
+    /// Opens (creates, appends to) `path`; raising `reopen` makes the next line reopen it.
+    ///
+    /// # Errors
+    /// The file cannot be opened.
+    pub fn open(path: &Path, reopen: Arc<AtomicBool>) -> std::io::Result<ReopenableLog> {
+        Ok(ReopenableLog {
+            path: path.to_path_buf(),
+            file: Mutex::new(Self::open_file(path)?),
+            reopen,
+        })
+    }
+
+    fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    }
+
+    /// The file for one line, reopened first if asked. A file that cannot be reopened is
+    /// kept (and says so).
+    fn file(&self) -> MutexGuard<'_, std::fs::File> {
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if self.reopen.swap(false, Ordering::Relaxed) {
+            match Self::open_file(&self.path) {
+                Ok(new) => *file = new,
+                Err(e) => {
+                    let _ = writeln!(
+                        file,
+                        "cannot reopen the log file -l {} after SIGHUP: {e}; still writing here",
+                        self.path.display()
+                    );
+                }
+            }
+        }
+        file
+    }
+}
+
+/// One log line's writer: the log file, locked.
+#[derive(Debug)]
+pub struct LogWriter<'a>(MutexGuard<'a, std::fs::File>);
+
+impl Write for LogWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for ReopenableLog {
+    type Writer = LogWriter<'a>;
+
+    fn make_writer(&'a self) -> LogWriter<'a> {
+        LogWriter(self.file())
+    }
+}
+
+/// Sets up `tracing`: to the `-l` file (appended; SIGHUP reopens it, for logrotate) or
+/// stderr, at `level` (`RUST_LOG` overrides).
 ///
 /// # Errors
-/// The log file cannot be opened (named, with the cause).
+/// The log file cannot be opened (named, with the cause), or the SIGHUP handler cannot be
+/// installed.
 pub fn init_logging(log_file: Option<&Path>, level: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
@@ -21,15 +97,13 @@ pub fn init_logging(log_file: Option<&Path>, level: &str) -> anyhow::Result<()> 
         .with_target(false);
     match log_file {
         Some(path) => {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
+            let reopen = Arc::new(AtomicBool::new(false));
+            let file = ReopenableLog::open(path, reopen.clone())
                 .with_context(|| format!("cannot open the log file -l {}", path.display()))?;
-            builder
-                .with_ansi(false)
-                .with_writer(std::sync::Mutex::new(file))
-                .init();
+            signal_hook::flag::register(signal_hook::consts::SIGHUP, reopen)
+                .context("install the SIGHUP handler (log reopen)")?;
+            LOG_TO_FILE.store(true, Ordering::Relaxed);
+            builder.with_ansi(false).with_writer(file).init();
         }
         None => {
             use std::io::IsTerminal;
@@ -88,15 +162,26 @@ impl Drop for PidFile {
     }
 }
 
-/// A flag raised by SIGINT or SIGTERM (and SIGHUP unless daemonized).
+/// A flag raised by SIGINT or SIGTERM, and by SIGHUP when `hangup_stops` (not daemonized)
+/// unless [`init_logging`] logs to a file: then SIGHUP reopens the file instead. A daemon
+/// without a log file ignores SIGHUP (as the C tools do).
 ///
 /// # Errors
 /// The handlers cannot be installed.
 pub fn stop_flag(hangup_stops: bool) -> anyhow::Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     let mut signals = vec![signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM];
-    if hangup_stops {
-        signals.push(signal_hook::consts::SIGHUP);
+    if !LOG_TO_FILE.load(Ordering::Relaxed) {
+        if hangup_stops {
+            signals.push(signal_hook::consts::SIGHUP);
+        } else {
+            // Handled (so not fatal) and ignored.
+            signal_hook::flag::register(
+                signal_hook::consts::SIGHUP,
+                Arc::new(AtomicBool::new(false)),
+            )
+            .context("install signal handlers")?;
+        }
     }
     for signal in signals {
         signal_hook::flag::register(signal, flag.clone()).context("install signal handlers")?;
@@ -150,6 +235,26 @@ mod tests {
         assert!(e.contains("'10.0.0' is not an IPv4 address"), "{e}");
         assert!(parse_servers("10.0.0.1:0", 1).is_err());
         assert!(parse_servers("", 1).is_err());
+    }
+
+    #[test]
+    fn the_log_file_is_reopened_when_asked() {
+        use tracing_subscriber::fmt::MakeWriter;
+        let dir = std::env::temp_dir().join(format!("tcpcopy-cli-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (path, rotated) = (dir.join("tcpcopy.log"), dir.join("tcpcopy.log.1"));
+        let reopen = Arc::new(AtomicBool::new(false));
+        let log = ReopenableLog::open(&path, reopen.clone()).unwrap();
+        log.make_writer().write_all(b"one\n").unwrap();
+        std::fs::rename(&path, &rotated).unwrap();
+        log.make_writer().write_all(b"two\n").unwrap();
+        reopen.store(true, Ordering::Relaxed);
+        log.make_writer().write_all(b"three\n").unwrap();
+        log.make_writer().write_all(b"four\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&rotated).unwrap(), "one\ntwo\n");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "three\nfour\n");
+        assert!(!reopen.load(Ordering::Relaxed));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
 

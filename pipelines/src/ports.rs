@@ -84,8 +84,11 @@ pub enum NextHopSpec {
     Ip(Ipv4Addr),
 }
 
-/// Opens DPDK ports: `workers` capture queues on the rx device and, when `transmit`, as many
-/// transmit queues on the tx device.
+/// Opens DPDK ports: `workers` capture queues on the rx device (RSS with a symmetric key on a
+/// NIC; `qpairs` on an af_packet vdev, whose PMD spreads flows with a kernel fanout group) and,
+/// when `transmit`, as many transmit queues on the tx device. The flows' spread is not a
+/// function of the client port: tcpcopy learns each session's owner (see
+/// `tcpcopy::owners`).
 ///
 /// # Errors
 /// DPDK's own errors, which name the cause and the fix (no hugepages, a missing device), or
@@ -101,22 +104,28 @@ pub fn open_dpdk(
     use engine::port::dpdk::{
         DpdkPort, Eal, EalConfig, MacAddr, MemoryMode, NextHop, PortConfig, QueueId,
     };
-    if workers != 1 {
-        anyhow::bail!(
-            "DPDK ports run one worker in this version (--workers {workers}): use --workers 1, or the kernel ports (-i) for several workers"
-        );
+    if !(1..=64).contains(&workers) {
+        anyhow::bail!("bad --workers value {workers}: use 1..64 (one DPDK queue pair each)");
     }
+    let queues = workers as u16;
     // The af_packet PMD's default ring (512 frames) overflows on the first burst of a busy
     // link, and it does not count what it drops: give it 16k frames unless told otherwise.
+    // Several workers need as many queue pairs (the PMD spreads flows over them with a kernel
+    // fanout group; a NIC with RSS and a symmetric key).
     let vdevs: Vec<String> = settings
         .vdevs
         .iter()
         .map(|v| {
-            if v.starts_with("net_af_packet") && !v.contains("framecnt=") {
-                format!("{v},blocksz=4096,framesz=2048,framecnt=16384")
-            } else {
-                v.clone()
+            let mut v = v.clone();
+            if v.starts_with("net_af_packet") {
+                if !v.contains("framecnt=") {
+                    v.push_str(",blocksz=4096,framesz=2048,framecnt=16384");
+                }
+                if queues > 1 && !v.contains("qpairs=") {
+                    v.push_str(&format!(",qpairs={queues}"));
+                }
             }
+            v
         })
         .collect();
     let eal = Eal::init(&EalConfig {
@@ -162,6 +171,8 @@ pub fn open_dpdk(
         &eal,
         &PortConfig {
             device: settings.rx_device.clone(),
+            rx_queues: queues,
+            tx_queues: if transmit && shared { queues } else { 1 },
             next_hop: if transmit && shared {
                 next_hop
             } else {
@@ -170,9 +181,14 @@ pub fn open_dpdk(
             ..PortConfig::default()
         },
     )?;
-    let rx: Vec<Box<dyn engine::port::RxPort>> = vec![Box::new(
-        rx_port.rx_queue(QueueId(0)).context("capture queue")?,
-    )];
+    let mut rx: Vec<Box<dyn engine::port::RxPort>> = Vec::with_capacity(workers);
+    for q in 0..queues {
+        rx.push(Box::new(
+            rx_port
+                .rx_queue(QueueId(q))
+                .with_context(|| format!("capture queue {q}"))?,
+        ));
+    }
     let mut tx: Vec<Box<dyn engine::port::TxPort>> = Vec::new();
     let mut ports = vec![rx_port.clone()];
     if transmit {
@@ -183,6 +199,7 @@ pub fn open_dpdk(
                 &eal,
                 &PortConfig {
                     device: tx_device,
+                    tx_queues: queues,
                     next_hop,
                     promiscuous: false,
                     ..PortConfig::default()
@@ -191,9 +208,13 @@ pub fn open_dpdk(
             ports.push(port.clone());
             port
         };
-        tx.push(Box::new(
-            tx_port.tx_queue(QueueId(0)).context("transmit queue")?,
-        ));
+        for q in 0..queues {
+            tx.push(Box::new(
+                tx_port
+                    .tx_queue(QueueId(q))
+                    .with_context(|| format!("transmit queue {q}"))?,
+            ));
+        }
     }
     let thread_eal = eal.clone();
     let register: std::sync::Arc<dyn Fn() + Send + Sync> = std::sync::Arc::new(move || {

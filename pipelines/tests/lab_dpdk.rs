@@ -8,8 +8,8 @@ use lab::{Host, Lab, Proc};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-const TCPCOPY: &str = env!("CARGO_BIN_EXE_tcpcopy");
-const INTERCEPT: &str = env!("CARGO_BIN_EXE_intercept");
+mod common;
+use common::{counter, INTERCEPT, TCPCOPY};
 
 fn dpdk_args(extra: &[&'static str]) -> Vec<&'static str> {
     let mut args = vec![
@@ -38,6 +38,49 @@ fn replicates_2000_requests_on_dpdk_vdevs() {
     if !lab::require_root() {
         return;
     }
+    replicate_on_vdevs(&[]);
+}
+
+/// Issue 4 on DPDK: two workers, each with its own queue pair of the vdev (the PMD spreads the
+/// flows with a kernel fanout hash, which no reply can reproduce): every path once, both
+/// workers took part, and every reply reached the worker that owns its session (learned from
+/// the worker's CLIENT_ADD).
+#[test]
+fn replicates_2000_requests_on_two_dpdk_workers() {
+    if !lab::require_root() {
+        return;
+    }
+    let log = replicate_on_vdevs(&["--workers", "2"]);
+    let workers: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("worker ") && l.contains("replies-dispatched"))
+        .collect();
+    assert!(workers.len() >= 2, "no per-worker lines:\n{log}");
+    let mut created_total = 0;
+    for (i, line) in workers.iter().rev().take(2).enumerate() {
+        let created = counter(line, "sessions-created");
+        let handled = counter(line, "replies");
+        let unmatched = counter(line, "replies-unmatched");
+        assert!(
+            created > 200,
+            "worker {i} created only {created} sessions: {line}"
+        );
+        assert!(
+            handled > 1000,
+            "worker {i} handled only {handled} replies: {line}"
+        );
+        assert_eq!(
+            unmatched, 0,
+            "worker {i} got replies it does not own: {line}"
+        );
+        created_total += created;
+    }
+    assert!(created_total >= 1020, "{log}");
+}
+
+/// The 2,000-request run on net_af_packet vdevs with extra tcpcopy flags; returns tcpcopy's
+/// log (its final report last).
+fn replicate_on_vdevs(extra: &[&'static str]) -> String {
     let lab = Lab::up().expect("lab up");
     let online = lab.nginx(Host::Online, 80).expect("online nginx");
     let target = lab.nginx(Host::Target, 8080).expect("target nginx");
@@ -54,7 +97,7 @@ fn replicates_2000_requests_on_dpdk_vdevs() {
         Duration::from_secs(20),
     )
     .unwrap_or_else(|e| panic!("intercept not listening: {e:#}\n{}", intercept.log()));
-    let tcpcopy_args = dpdk_args(&[
+    let mut tcpcopy_args = dpdk_args(&[
         "--next-hop",
         "02:77:00:00:00:1e",
         "-x",
@@ -64,6 +107,7 @@ fn replicates_2000_requests_on_dpdk_vdevs() {
         "--stats-interval",
         "1",
     ]);
+    tcpcopy_args.extend_from_slice(extra);
     let mut tcpcopy = lab
         .spawn(Host::Online, TCPCOPY, &tcpcopy_args)
         .expect("tcpcopy");
@@ -109,6 +153,7 @@ fn replicates_2000_requests_on_dpdk_vdevs() {
     );
     tcpcopy.stop();
     intercept.stop();
+    tcpcopy.log()
 }
 
 /// Starts tcpcopy on DPDK with `vdev` and `rx` (behind `wrapper` when not empty: a command that

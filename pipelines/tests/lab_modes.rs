@@ -4,78 +4,12 @@
 //! Run as root (`scripts/test.sh` does); under `CI=true` a non-root run fails loudly. Each test
 //! builds its own lab and removes it, also when it fails. Run them one at a time.
 
-use lab::{Host, Lab, Proc};
+use lab::{Host, Lab};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
-const TCPCOPY: &str = env!("CARGO_BIN_EXE_tcpcopy");
-const INTERCEPT: &str = env!("CARGO_BIN_EXE_intercept");
-
-fn start_intercept(lab: &Lab) -> Proc {
-    let mut intercept = lab
-        .spawn(
-            Host::Assistant,
-            INTERCEPT,
-            &["-i", "eth0", "-F", "tcp and src host 10.77.0.30"],
-        )
-        .expect("start intercept");
-    intercept
-        .wait_for_log("starting", Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("intercept did not start: {e:#}\n{}", intercept.log()));
-    lab.wait_port(
-        Host::Online,
-        "10.77.0.40:36524".parse().unwrap(),
-        Duration::from_secs(10),
-    )
-    .unwrap_or_else(|e| panic!("intercept is not listening: {e:#}\n{}", intercept.log()));
-    intercept
-}
-
-fn start_tcpcopy(lab: &Lab, extra: &[&str]) -> Proc {
-    let mut args = vec![
-        "-i",
-        "eth0",
-        "-x",
-        "80-10.77.0.30:8080",
-        "-s",
-        "10.77.0.40",
-        "--stats-interval",
-        "1",
-    ];
-    args.extend_from_slice(extra);
-    let mut tcpcopy = lab
-        .spawn(Host::Online, TCPCOPY, &args)
-        .expect("start tcpcopy");
-    tcpcopy
-        .wait_for_log("connected to intercept", Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("tcpcopy did not connect: {e:#}\n{}", tcpcopy.log()));
-    tcpcopy
-}
-
-/// Stops tcpcopy and returns its final statistics line.
-fn final_line(tcpcopy: &mut Proc) -> String {
-    tcpcopy.stop();
-    let log = tcpcopy.log();
-    log.lines()
-        .rev()
-        .find(|l| l.contains("final:"))
-        .map(str::to_string)
-        .unwrap_or_else(|| panic!("tcpcopy printed no final statistics:\n{log}"))
-}
-
-/// The value after `name ` in a statistics line.
-fn counter(line: &str, name: &str) -> u64 {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    words
-        .windows(2)
-        .find(|w| w[0] == name)
-        .and_then(|w| {
-            w[1].trim_matches(|c: char| !c.is_ascii_digit())
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no counter '{name}' in: {line}"))
-}
+mod common;
+use common::*;
 
 /// 20 keep-alive connections are open and sending when tcpcopy starts. Returns the paths the
 /// online server answered after tcpcopy was capturing, the target's paths, tcpcopy's final line
@@ -84,7 +18,7 @@ fn midstream_run(extra: &[&str]) -> (Vec<String>, Vec<String>, String, usize) {
     let lab = Lab::up().expect("lab up");
     let online = lab.nginx(Host::Online, 80).expect("online nginx");
     let target = lab.nginx(Host::Target, 8080).expect("target nginx");
-    let mut intercept = start_intercept(&lab);
+    let mut intercept = start_intercept(&lab, &[]);
     lab::build_lab_bins().expect("build the lab's binaries");
     let mut load = lab
         .spawn(
@@ -190,7 +124,7 @@ fn three_copies_triple_the_sessions_without_port_collisions() {
     let lab = Lab::up().expect("lab up");
     let _online = lab.nginx(Host::Online, 80).expect("online nginx");
     let target = lab.nginx(Host::Target, 8080).expect("target nginx");
-    let mut intercept = start_intercept(&lab);
+    let mut intercept = start_intercept(&lab, &[]);
     let mut tcpcopy = start_tcpcopy(&lab, &["-n", "3", "--workers", "2"]);
     for (mode, prefix) in [("close", "/c/"), ("keepalive", "/k/")] {
         let report = lab
@@ -309,7 +243,7 @@ fn sampling_half_replays_the_same_half_on_every_run() {
     let lab = Lab::up().expect("lab up");
     let _online = lab.nginx(Host::Online, 80).expect("online nginx");
     let target = lab.nginx(Host::Target, 8080).expect("target nginx");
-    let mut intercept = start_intercept(&lab);
+    let mut intercept = start_intercept(&lab, &[]);
     let mut runs: Vec<BTreeSet<u16>> = Vec::new();
     for run in 1..=2u32 {
         let mut tcpcopy = start_tcpcopy(&lab, &["-r", "50"]);

@@ -5,113 +5,12 @@
 //! Each test builds its own lab and removes it, also when it fails. Run them one at a time
 //! (`--test-threads=1`): they measure replication under load on a 2-core machine.
 
-use lab::{Host, Lab, Proc};
+use lab::{Host, Lab};
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-const TCPCOPY: &str = env!("CARGO_BIN_EXE_tcpcopy");
-const INTERCEPT: &str = env!("CARGO_BIN_EXE_intercept");
-
-/// The replay path: intercept on the assistant, tcpcopy on the online host.
-struct Replay {
-    intercept: Proc,
-    tcpcopy: Proc,
-}
-
-fn start_intercept(lab: &Lab) -> Proc {
-    let mut intercept = lab
-        .spawn(
-            Host::Assistant,
-            INTERCEPT,
-            &[
-                "-i",
-                "eth0",
-                "-F",
-                "tcp and src host 10.77.0.30",
-                "--stats-interval",
-                "1",
-            ],
-        )
-        .expect("start intercept");
-    intercept
-        .wait_for_log("starting", Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("intercept did not start: {e:#}\n{}", intercept.log()));
-    lab.wait_port(
-        Host::Online,
-        "10.77.0.40:36524".parse().unwrap(),
-        Duration::from_secs(10),
-    )
-    .unwrap_or_else(|e| panic!("intercept is not listening: {e:#}\n{}", intercept.log()));
-    intercept
-}
-
-fn start_tcpcopy(lab: &Lab, extra: &[&str]) -> Proc {
-    let mut args = vec![
-        "-i",
-        "eth0",
-        "-x",
-        "80-10.77.0.30:8080",
-        "-s",
-        "10.77.0.40",
-        "--stats-interval",
-        "1",
-    ];
-    args.extend_from_slice(extra);
-    let mut tcpcopy = lab
-        .spawn(Host::Online, TCPCOPY, &args)
-        .expect("start tcpcopy");
-    tcpcopy
-        .wait_for_log("connected to intercept", Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("tcpcopy did not connect: {e:#}\n{}", tcpcopy.log()));
-    tcpcopy
-}
-
-impl Replay {
-    fn start(lab: &Lab, extra: &[&str]) -> Replay {
-        let intercept = start_intercept(lab);
-        let tcpcopy = start_tcpcopy(lab, extra);
-        Replay { intercept, tcpcopy }
-    }
-
-    /// Stops both (SIGTERM) and returns tcpcopy's final statistics line.
-    fn stop(mut self) -> String {
-        self.tcpcopy.stop();
-        self.intercept.stop();
-        let log = self.tcpcopy.log();
-        log.lines()
-            .rev()
-            .find(|l| l.contains("final:"))
-            .map(str::to_string)
-            .unwrap_or_else(|| {
-                panic!(
-                    "tcpcopy printed no final statistics:\n{log}\nintercept:\n{}",
-                    self.intercept.log()
-                )
-            })
-    }
-
-    fn logs(&self) -> String {
-        format!(
-            "--- tcpcopy ---\n{}\n--- intercept ---\n{}",
-            self.tcpcopy.log(),
-            self.intercept.log()
-        )
-    }
-}
-
-/// The value after `name ` in a statistics line.
-fn counter(line: &str, name: &str) -> u64 {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    words
-        .windows(2)
-        .find(|w| w[0] == name)
-        .and_then(|w| {
-            w[1].trim_matches(|c: char| !c.is_ascii_digit())
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no counter '{name}' in: {line}"))
-}
+mod common;
+use common::*;
 
 fn load(lab: &Lab, args: &[&str]) -> lab::LoadReport {
     let report = lab.httpload(Host::Client, args).expect("httpload runs");
@@ -371,7 +270,7 @@ fn survives_an_intercept_restart() {
         .wait_for_log("lost", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("tcpcopy did not log the loss: {e:#}\n{}", replay.logs()));
     // Sessions while intercept is down are not replicated (no replies come back): expected.
-    replay.intercept = start_intercept(&lab);
+    replay.intercept = start_intercept(&lab, &["--stats-interval", "1"]);
     let log_before = replay
         .tcpcopy
         .log()
@@ -577,7 +476,7 @@ fn daemon_mode_writes_pid_file_and_log() {
     let lab = Lab::up().expect("lab up");
     let _online = lab.nginx(Host::Online, 80).expect("online nginx");
     let target = lab.nginx(Host::Target, 8080).expect("target nginx");
-    let _intercept = start_intercept(&lab);
+    let _intercept = start_intercept(&lab, &["--stats-interval", "1"]);
     let pid_file = lab.dir().join("tcpcopy.pid");
     let log_file = lab.dir().join("tcpcopy.log");
     let (pid_s, log_s) = (pid_file.to_str().unwrap(), log_file.to_str().unwrap());

@@ -1257,6 +1257,7 @@ impl Session {
             return Verdict::Keep;
         }
         self.last_response_at = cx.now;
+        let window_changed = resp.window != self.peer_window || self.has(WINDOW_UNSCALED);
         self.peer_window = resp.window;
         self.set(WINDOW_UNSCALED, false);
         if self.has(TIMESTAMPS_ON) {
@@ -1266,8 +1267,18 @@ impl Session {
         }
         let advanced = resp.ack.after(self.snd_una);
         self.on_ack(resp.ack, cx);
+        if self.queue.sent > 0 && resp.window == 0 && !advanced {
+            // Zero window: the target is alive but not reading. The RTO goes on as a persist
+            // timer (backing off to `rto_max`), and never gives up while the target answers
+            // its probes; `-t` still ends a session whose target falls silent.
+            self.retries = self.retries.min(cx.limits.max_retries.saturating_sub(1));
+        }
         if self.queue.sent > 0 {
+            // RFC 5681: an ACK that changes the window is not a duplicate; nor is one with the
+            // window closed (the target is full, not missing a segment).
             let duplicate = !advanced
+                && !window_changed
+                && resp.window != 0
                 && resp.ack == self.snd_una
                 && resp.payload_len == 0
                 && !resp.flags.contains(TcpFlags::FIN);

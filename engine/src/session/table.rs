@@ -637,6 +637,17 @@ impl SessionTable {
         self.closed = 0;
     }
 
+    /// Sheds up to `count` sessions to relieve memory pressure, as a full table would: the
+    /// oldest idle ones, closed ones first, each still open one reset at the target (counted in
+    /// [`SessionStats::evicted`]). Busy sessions are kept. Returns how many were shed.
+    pub fn shed(&mut self, count: usize, now: Duration, out: &mut dyn Output) -> usize {
+        let mut shed = 0;
+        while shed < count && self.evict_one(now, out) {
+            shed += 1;
+        }
+        shed
+    }
+
     /// Evicts the oldest idle session (closed ones first), resetting it at the target when it
     /// is still open. False when every session is busy.
     fn evict_one(&mut self, now: Duration, out: &mut dyn Output) -> bool {
@@ -1063,6 +1074,40 @@ mod tests {
             3,
             "the three SYNs in flight; nothing leaked"
         );
+        t.check();
+    }
+
+    #[test]
+    fn shed_takes_idle_sessions_oldest_first_and_keeps_busy_ones() {
+        let mut t = SessionTable::new(SessionConfig {
+            mid_stream: false,
+            ..small(8)
+        });
+        let mut out = Rec::default();
+        for port in 1u16..=4 {
+            syn(&mut t, &mut out, port, ISN, ms(u64::from(port)));
+            synack(&mut t, &mut out, port, ISN, ms(u64::from(port)));
+        }
+        // Session 4 has a request in flight: busy.
+        data(&mut t, &mut out, 4, ISN + 1, 10, ms(6));
+        out.take();
+        assert_eq!(t.shed(2, ms(7), &mut out), 2);
+        assert_eq!(
+            out.take(),
+            vec![
+                (1, TcpFlags::RST | TcpFlags::ACK, ISN + 1),
+                (2, TcpFlags::RST | TcpFlags::ACK, ISN + 1)
+            ],
+            "the two oldest idle sessions are reset at the target"
+        );
+        assert_eq!(out.unregistered, vec![key(1), key(2)]);
+        assert!(t.get(&key(3)).is_some() && t.get(&key(4)).is_some());
+        t.check();
+        // Only session 3 is idle: asking for more sheds what there is.
+        assert_eq!(t.shed(10, ms(8), &mut out), 1);
+        assert_eq!(t.shed(10, ms(9), &mut out), 0);
+        assert_eq!((t.len(), t.stats().evicted), (1, 3));
+        assert!(t.get(&key(4)).is_some(), "the busy session stays");
         t.check();
     }
 

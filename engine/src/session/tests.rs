@@ -707,3 +707,49 @@ fn a_stale_connection_at_the_target_is_reset_and_the_syn_resent() {
     h.resp(TcpFlags::SYN | A, T_ISN, C_ISN + 1, 0, ms(2));
     assert_eq!(h.table.stats().established, 1);
 }
+
+#[test]
+fn a_zero_window_is_probed_without_giving_up_while_the_target_answers() {
+    let mut h = Harness::new(SessionConfig {
+        pacing: Pacing::NoWait,
+        max_retries: 3,
+        ..SessionConfig::default()
+    });
+    h.establish();
+    h.client(PA, C_ISN + 1, O_BASE, b"aaaa", ms(2));
+    h.client(PA, C_ISN + 5, O_BASE, b"bbbb", ms(2));
+    assert_eq!(h.out.take().len(), 2);
+    // The target takes nothing and closes its window; it answers every probe the same way.
+    let zero = |h: &mut Harness, at: Duration| {
+        let mut r = resp(A, T_BASE, C_ISN + 1, 0);
+        r.window = 0;
+        h.table.on_response(&r, at, &mut h.out);
+    };
+    zero(&mut h, ms(3));
+    zero(&mut h, ms(3));
+    zero(&mut h, ms(3));
+    zero(&mut h, ms(3));
+    assert_eq!(
+        h.table.stats().retransmits,
+        0,
+        "window updates are not duplicate ACKs"
+    );
+    let mut now = 3;
+    for _ in 0..10 {
+        now += 4_000;
+        h.timers(ms(now));
+        zero(&mut h, ms(now));
+    }
+    assert_eq!(h.table.stats().gave_up, 0);
+    assert!(h.table.stats().retransmits >= 10, "{:?}", h.table.stats());
+    assert!(h.table.get(&key()).is_some_and(|s| s.is_established()));
+    // The window opens: everything is acknowledged and the session goes on.
+    h.resp(A, T_BASE, C_ISN + 9, 0, ms(now + 1));
+    assert_eq!(h.table.get(&key()).unwrap().queued(), 0);
+    // A target that falls silent is still given up.
+    h.client(PA, C_ISN + 9, O_BASE, b"cccc", ms(now + 2));
+    for i in 1..=10 {
+        h.timers(ms(now + 2 + i * 4_000));
+    }
+    assert_eq!(h.table.stats().gave_up, 1);
+}

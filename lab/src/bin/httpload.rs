@@ -773,5 +773,26 @@ mod tests {
         .unwrap();
         assert_eq!(a.mode, Mode::Keepalive);
         assert!(Args::try_parse_from(["httpload", "--target", "nope"]).is_err());
+        let p = Args::try_parse_from([
+            "httpload",
+            "--target",
+            "10.77.0.20:80",
+            "--pipeline",
+            "8",
+            "--pipeline-writes",
+            "4",
+            "--rcvbuf",
+            "4096",
+            "--read-pause-ms",
+            "100",
+        ])
+        .unwrap();
+        assert_eq!(
+            (p.pipeline, p.pipeline_writes, p.rcvbuf),
+            (8, 4, Some(4096))
+        );
+        assert!(
+            Args::try_parse_from(["httpload", "--target", "1.2.3.4:5", "--pipeline", "x"]).is_err()
+        );
     }
 }

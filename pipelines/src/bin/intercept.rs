@@ -50,6 +50,13 @@ struct Args {
     /// Print the version and exit
     #[arg(short = 'v', action = ArgAction::Version)]
     version: Option<bool>,
+    /// Read the settings from this YAML file (see conf/); flags given here override its keys
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Check the flags and the --config file, print the effective settings and the pipeline,
+    /// and exit (opens no socket, needs no root)
+    #[arg(long, action = ArgAction::SetTrue)]
+    check: bool,
     /// Seconds after which an idle route is forgotten
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     route_timeout: u64,
@@ -93,7 +100,8 @@ fn main() {
 }
 
 fn run() -> anyhow::Result<()> {
-    let args = Args::parse();
+    use pipelines::config::{effective_yaml, parse_args, InterceptFile};
+    let (args, matches) = parse_args::<Args, InterceptFile>()?;
     let bind: Ipv4Addr = args.bind.parse().with_context(|| {
         format!(
             "bad -b value '{}': not an IPv4 address (e.g. -b 10.0.0.40)",
@@ -148,6 +156,12 @@ fn run() -> anyhow::Result<()> {
         single: args.single,
         protect: args.protect,
     };
+    if args.check {
+        let effective = effective_yaml::<Args, InterceptFile>(&matches)?;
+        let pipeline = pipelines::config::intercept_pipeline(&config);
+        print!("{}", pipelines::config::check_report(&effective, &pipeline));
+        return Ok(());
+    }
     if args.daemon {
         cli::daemonize()?;
     }

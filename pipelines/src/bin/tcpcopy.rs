@@ -120,6 +120,16 @@ struct Args {
     /// Print the version and exit
     #[arg(short = 'v', action = ArgAction::Version)]
     version: Option<bool>,
+    /// Read the settings from this YAML file (see conf/); flags given here override its keys
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Check the flags and the --config file, print the effective settings and the pipeline,
+    /// and exit (opens no socket, needs no root)
+    #[arg(long, action = ArgAction::SetTrue)]
+    check: bool,
+    /// The effective settings as YAML (set for --check).
+    #[arg(skip)]
+    effective: Option<String>,
     /// Silence (ms) after which a request held for a shorter target response is released
     #[arg(long, value_name = "MS", default_value_t = 100)]
     pace_idle_ms: u64,
@@ -180,6 +190,14 @@ struct Args {
     /// With --pcap: seconds a round waits after the end of the file for open sessions to end
     #[arg(long, value_name = "SECONDS", default_value_t = 5.0, requires = "pcap")]
     offline_tail_s: f64,
+    /// Write every packet sent to the target to this pcap file (raw IPv4, ns timestamps); when
+    /// the writer falls behind, packets are left out of the file (dump-dropped), never delayed
+    #[arg(long, value_name = "FILE")]
+    dump_sent: Option<PathBuf>,
+    /// Memory cap in MiB (default: none; the C tool stops at 2048): above 90% of it the workers
+    /// shed idle sessions, oldest first; still above it 5 s later, tcpcopy stops (exit status 2)
+    #[arg(short = 'm', value_name = "MiB")]
+    memory_mib: Option<u64>,
 }
 
 fn main() {
@@ -190,7 +208,11 @@ fn main() {
 }
 
 fn run() -> anyhow::Result<()> {
-    let args = Args::parse();
+    use pipelines::config::{effective_yaml, parse_args, TcpcopyFile};
+    let (mut args, matches) = parse_args::<Args, TcpcopyFile>()?;
+    if args.check {
+        args.effective = Some(effective_yaml::<Args, TcpcopyFile>(&matches)?);
+    }
     let transfers = parse_transfers(&args.transfers)?;
     let clients = args
         .clients
@@ -324,6 +346,11 @@ fn run() -> anyhow::Result<()> {
             })
             .transpose()?,
     };
+    if let Some(effective) = &args.effective {
+        let pipeline = pipelines::config::tcpcopy_pipeline(&config);
+        print!("{}", pipelines::config::check_report(effective, &pipeline));
+        return Ok(());
+    }
     if args.daemon {
         cli::daemonize()?;
     }
@@ -346,7 +373,15 @@ fn run() -> anyhow::Result<()> {
     let interval = config.stats_interval.unwrap_or(Duration::from_secs(5));
     let mut metrics =
         pipelines::metrics::MetricsExporter::start(&args.metrics, config.stats_interval)?;
-    let tcpcopy = Tcpcopy::start(config).context("tcpcopy cannot start")?;
+    if let Some(mib) = args.memory_mib.filter(|m| !(1..=1 << 22).contains(m)) {
+        anyhow::bail!("bad -m value {mib}: the memory cap is 1..=4194304 MiB, e.g. -m 2048");
+    }
+    let options = pipelines::tcpcopy::RunOptions {
+        dump_sent: args.dump_sent.clone(),
+    };
+    let tcpcopy = Tcpcopy::start_with(config, options).context("tcpcopy cannot start")?;
+    let mut checks = pipelines::tcpcopy::ops::RunChecks::new(args.memory_mib);
+    let mut over_cap = None;
     let dump = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGUSR1, dump.clone())
         .context("install the SIGUSR1 handler")?;
@@ -368,6 +403,11 @@ fn run() -> anyhow::Result<()> {
                 log.write(&tcpcopy.stats().latency())?;
             }
         }
+        if let Some(reason) = checks.tick(&tcpcopy, Instant::now()) {
+            tracing::error!("{reason}");
+            over_cap = Some(reason);
+            break;
+        }
     }
     tracing::info!("stopping");
     let stats = tcpcopy.join()?;
@@ -377,6 +417,10 @@ fn run() -> anyhow::Result<()> {
     report_latency(&stats);
     metrics.finish(&stats);
     tracing::info!("final: {}", stats.line());
+    checks.at_exit(&stats);
+    if let Some(reason) = over_cap {
+        anyhow::bail!(reason);
+    }
     Ok(())
 }
 
@@ -426,6 +470,11 @@ fn run_udp(
         stats_interval: (args.stats_interval > 0).then(|| Duration::from_secs(args.stats_interval)),
         busy_poll: args.busy_poll,
     };
+    if let Some(effective) = &args.effective {
+        let pipeline = pipelines::config::udpcopy_pipeline(&config);
+        print!("{}", pipelines::config::check_report(effective, &pipeline));
+        return Ok(());
+    }
     if args.daemon {
         cli::daemonize()?;
     }

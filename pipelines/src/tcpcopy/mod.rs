@@ -14,9 +14,12 @@
 //!   (unless `busy_poll`); the control thread wakes a parked worker when it queues replies.
 
 pub mod copies;
+pub mod dump;
 pub mod ingress;
 pub mod latency;
 pub mod offline;
+pub mod ops;
+pub mod owners;
 pub mod transform;
 
 use self::ingress::{Ingress, IngressStats, LinkType};
@@ -39,7 +42,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::fmt::Write as _;
 use std::net::SocketAddrV4;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -112,6 +115,8 @@ pub struct WorkerReport {
     pub control_queue_full: u64,
     /// Replies it took from its queue.
     pub replies: u64,
+    /// Sessions it shed on request of the `-m` memory cap.
+    pub shed: u64,
     /// Its histograms (published once a second).
     pub latency: Latency,
 }
@@ -139,6 +144,10 @@ pub struct TcpcopyStats {
     pub replies_dispatched: Vec<u64>,
     /// Each worker's own report.
     pub workers: Vec<WorkerReport>,
+    /// Sessions shed for the `-m` memory cap (all workers).
+    pub shed: u64,
+    /// `--dump-sent` counters (zero without it).
+    pub dump: dump::DumpStats,
 }
 
 fn add_ports(a: &mut PortStats, b: &PortStats) {
@@ -159,7 +168,9 @@ impl TcpcopyStats {
         self.transmit = PortStats::default();
         self.table_len = 0;
         self.control_queue_full = 0;
+        self.shed = 0;
         for w in &self.workers {
+            self.shed += w.shed;
             self.ingress.merge(&w.ingress);
             self.sessions.add(&w.sessions);
             add_ports(&mut self.capture, &w.capture);
@@ -214,7 +225,7 @@ impl TcpcopyStats {
              port-reuse-reset {} port-reuse-replaced {} stale-at-target {} table-full {} no-session {} queue-full {} client-retransmits {} hole-fills {} | sent {} data {} syn {} fin {} rst {} acks {} \
              retransmits {} pace-releases {} tx-errors {} | replies {} (data {}) unmatched {} | \
              control up {} sent {} dropped {} reconnects {} queue-full {} udp-lost {} udp-rejected {} \
-             udp-replayed {} auth-failures {}",
+             udp-replayed {} auth-failures {} | shed {} dumped {} dump-dropped {}",
             i.captured,
             self.capture.rx_dropped,
             i.accepted,
@@ -274,6 +285,9 @@ impl TcpcopyStats {
             self.control.datagrams_rejected,
             self.control.datagrams_replayed,
             self.control.auth_failures,
+            self.shed,
+            self.dump.written,
+            self.dump.dropped + self.dump.errors,
         );
         line
     }
@@ -287,8 +301,17 @@ pub struct Tcpcopy {
     workers: Vec<std::thread::JoinHandle<anyhow::Result<()>>>,
     control: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
     wakers: Vec<Arc<Waker>>,
+    /// `--dump-sent`: the pcap file of what the workers send, finished by [`Tcpcopy::join`].
+    dump: Option<dump::DumpFile>,
     /// The DPDK environment, dropped after the workers (and their ports) are gone.
     _keep: Option<Box<dyn std::any::Any + Send>>,
+}
+
+/// Settings of a run that do not change what is replayed.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// `--dump-sent`: write every packet sent to the target to this pcap file (raw IPv4).
+    pub dump_sent: Option<std::path::PathBuf>,
 }
 
 /// The kernel's ports: a capture socket per worker (one fanout group, sharded by client port)
@@ -335,6 +358,10 @@ fn open_kernel_ports(
 struct Shared {
     workers: Mutex<Vec<WorkerReport>>,
     control: Mutex<(ClientStats, u64, Vec<u64>)>,
+    /// Sessions each worker is asked to shed (`-m`); the worker takes the request to zero.
+    shed: Vec<AtomicU32>,
+    /// `--dump-sent` counters.
+    dump: Option<Arc<dump::DumpCounters>>,
 }
 
 /// The control thread's view of one worker.
@@ -352,6 +379,14 @@ impl Tcpcopy {
     /// # Errors
     /// A port that cannot be opened (named, with the cause), or threads that cannot start.
     pub fn start(config: TcpcopyConfig) -> anyhow::Result<Tcpcopy> {
+        Tcpcopy::start_with(config, RunOptions::default())
+    }
+
+    /// [`Tcpcopy::start`] with run options (`--dump-sent`).
+    ///
+    /// # Errors
+    /// As [`Tcpcopy::start`]; also a dump file that cannot be created (named).
+    pub fn start_with(config: TcpcopyConfig, options: RunOptions) -> anyhow::Result<Tcpcopy> {
         let workers = config.workers.max(1);
         let opened = match &config.dpdk {
             Some(settings) => crate::ports::open_dpdk(settings, "tcpcopy", workers, true)?,
@@ -368,6 +403,20 @@ impl Tcpcopy {
             keep,
             register_thread,
         } = opened;
+        let (dump, transmits) = match &options.dump_sent {
+            Some(path) => {
+                let (file, taps) =
+                    dump::DumpFile::create(path, transmits.len(), dump::DEFAULT_QUEUE)
+                        .with_context(|| format!("cannot create --dump-sent {}", path.display()))?;
+                let wrapped: Vec<Box<dyn TxPort>> = transmits
+                    .into_iter()
+                    .zip(taps)
+                    .map(|(port, tap)| Box::new(dump::DumpTx::new(port, tap)) as Box<dyn TxPort>)
+                    .collect();
+                (Some(file), wrapped)
+            }
+            None => (None, transmits),
+        };
         let mut client_config = ClientConfig::new(config.intercepts.clone());
         client_config.connections_per_server = config.connections;
         client_config.format = config.record_format;
@@ -397,6 +446,8 @@ impl Tcpcopy {
         let shared = Arc::new(Shared {
             workers: Mutex::new(vec![WorkerReport::default(); workers]),
             control: Mutex::new((ClientStats::default(), 0, vec![0; workers])),
+            shed: (0..workers).map(|_| AtomicU32::new(0)).collect(),
+            dump: dump.as_ref().map(dump::DumpFile::counters),
         });
         let mut links = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
@@ -433,6 +484,7 @@ impl Tcpcopy {
                 busy_poll: config.busy_poll,
                 control_queue_full: 0,
                 replies_taken: 0,
+                shed: 0,
                 frames: (0..BURST).map(|_| Vec::with_capacity(2048)).collect(),
                 metas: Vec::with_capacity(BURST),
                 burst_store: Vec::with_capacity(BURST),
@@ -465,12 +517,32 @@ impl Tcpcopy {
                     .context("cannot start a worker thread")?,
             );
         }
+        // RSS (DPDK) spreads flows by a hash that replies cannot reproduce: learn the owners.
+        let dispatch = if config.dpdk.is_some() && workers > 1 {
+            owners::Dispatch::Learned
+        } else {
+            owners::Dispatch::PortShard
+        };
+        let owners = owners::Owners::new(
+            dispatch,
+            workers,
+            config.session.max_sessions.saturating_mul(workers),
+        );
         let control_stop = stop.clone();
         let control_shared = shared.clone();
         let interval = config.stats_interval;
         let control = std::thread::Builder::new()
             .name("tcpcopy-control".into())
-            .spawn(move || control_loop(client, links, &control_stop, &control_shared, interval))
+            .spawn(move || {
+                control_loop(
+                    client,
+                    links,
+                    owners,
+                    &control_stop,
+                    &control_shared,
+                    interval,
+                )
+            })
             .context("cannot start the control thread")?;
         Ok(Tcpcopy {
             stop,
@@ -478,8 +550,28 @@ impl Tcpcopy {
             workers: handles,
             control: Some(control),
             wakers,
+            dump,
             _keep: keep,
         })
+    }
+
+    /// Asks every worker to shed an eighth of its sessions, oldest idle first (the `-m`
+    /// memory cap); returns how many were asked for. The workers count what they shed.
+    pub fn request_shed(&self) -> usize {
+        let lens: Vec<usize> = match self.shared.workers.lock() {
+            Ok(w) => w.iter().map(|r| r.table_len).collect(),
+            Err(_) => return 0,
+        };
+        let mut asked = 0;
+        for (request, len) in self.shared.shed.iter().zip(lens) {
+            let count = ops::MemoryCap::shed_count(len);
+            request.store(u32::try_from(count).unwrap_or(u32::MAX), Ordering::Relaxed);
+            asked += count;
+        }
+        for w in &self.wakers {
+            let _ = w.wake();
+        }
+        asked
     }
 
     /// The counters so far (workers publish a few times a second).
@@ -519,6 +611,10 @@ impl Tcpcopy {
                 }
             }
         }
+        // The workers are gone and with them the dump's taps: the writer drains and flushes.
+        if let Some(dump) = self.dump.take() {
+            dump.finish();
+        }
         result.map(|()| self.stats())
     }
 }
@@ -534,6 +630,9 @@ fn snapshot(shared: &Shared) -> TcpcopyStats {
         stats.replies_dispatched = c.2.clone();
     }
     stats.sum_workers();
+    if let Some(dump) = &shared.dump {
+        stats.dump = dump.snapshot();
+    }
     stats
 }
 
@@ -556,6 +655,8 @@ struct Worker {
     busy_poll: bool,
     control_queue_full: u64,
     replies_taken: u64,
+    /// Sessions shed for the `-m` memory cap.
+    shed: u64,
     /// One buffer per frame of a capture burst, for the rewritten packets.
     frames: Vec<Vec<u8>>,
     /// The accepted frames of the current burst: key and parsed segment.
@@ -653,6 +754,11 @@ impl Worker {
         while !stop.load(Ordering::Relaxed) {
             let now = epoch.elapsed();
             let (received, replies) = self.iterate(now)?;
+            if let Some(request) = shared.shed.get(self.id) {
+                if request.load(Ordering::Relaxed) > 0 {
+                    self.shed(now, request)?;
+                }
+            }
             if received == 0 {
                 // A capture file replay: tell it whether sessions are still open; it ends a
                 // round only when none is, and says when the last round is over.
@@ -798,6 +904,30 @@ impl Worker {
         Ok((received, replies))
     }
 
+    /// Sheds the sessions asked for by the `-m` memory cap (oldest idle first).
+    fn shed(&mut self, now: Duration, request: &AtomicU32) -> anyhow::Result<()> {
+        let count = request.swap(0, Ordering::Relaxed) as usize;
+        let mut queued = 0usize;
+        let mut out = WorkerOutput {
+            transmit: self.transmit.as_mut(),
+            batch: &mut self.batch,
+            to_control: &self.to_control,
+            queued_control: &mut queued,
+            control_queue_full: &mut self.control_queue_full,
+            latency: &mut self.latency,
+        };
+        self.shed += self.table.shed(count, now, &mut out) as u64;
+        if queued > 0 {
+            let _ = self.control_waker.wake();
+        }
+        if !self.batch.is_empty() {
+            self.transmit
+                .tx_burst(&mut self.batch)
+                .context("transmit failed")?;
+        }
+        Ok(())
+    }
+
     fn publish(&self, shared: &Shared, with_latency: bool) {
         if let Ok(mut all) = shared.workers.lock() {
             let report = &mut all[self.id];
@@ -808,6 +938,7 @@ impl Worker {
             report.transmit = self.transmit.stats();
             report.control_queue_full = self.control_queue_full;
             report.replies = self.replies_taken;
+            report.shed = self.shed;
             if with_latency {
                 report.latency = self.latency.clone();
             }
@@ -832,6 +963,7 @@ fn to_response(h: &engine::control::ResponseHeader) -> Response {
 fn control_loop(
     mut client: ControlClient,
     workers: Vec<WorkerLink>,
+    mut owners: owners::Owners,
     stop: &AtomicBool,
     shared: &Shared,
     interval: Option<Duration>,
@@ -846,8 +978,9 @@ fn control_loop(
         if stop.load(Ordering::Relaxed) && stopping_since.is_none() {
             stopping_since = Some(Instant::now());
         }
-        for w in &workers {
+        for (i, w) in workers.iter().enumerate() {
             while let Ok(message) = w.messages.try_recv() {
+                owners.note(i, &message);
                 client.send_message(&message);
             }
         }
@@ -860,7 +993,7 @@ fn control_loop(
         client
             .poll(Some(Duration::from_millis(20)), &mut |header| {
                 let resp = to_response(header);
-                let owner = resp.key.shard(workers.len());
+                let owner = owners.owner(&resp.key);
                 match workers[owner].replies.try_send(resp) {
                     Ok(()) => {
                         woke[owner] = true;

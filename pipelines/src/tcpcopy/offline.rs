@@ -316,6 +316,8 @@ struct Schedule {
     idle_gap_ns: Option<u64>,
     /// When the round's first matching packet was read, and the wall clock then.
     start: Option<(Instant, u64)>,
+    /// The first matching packet's capture timestamp (ns).
+    first_ts: u64,
     /// The latest capture timestamp seen so far (ns).
     latest_ts: u64,
     /// Capture time since the first matching packet, gaps longer than `-I` removed (ns).
@@ -329,6 +331,7 @@ impl Schedule {
             acceleration,
             idle_gap_ns: idle_gap.map(|g| g.as_nanos().min(u128::from(u64::MAX)) as u64),
             start: None,
+            first_ts: 0,
             latest_ts: 0,
             virtual_ns: 0,
             collapsed_ns: 0,
@@ -338,8 +341,19 @@ impl Schedule {
     /// Forgets the round (a new one starts with its first matching packet).
     fn reset(&mut self) {
         self.start = None;
+        self.first_ts = 0;
         self.latest_ts = 0;
         self.virtual_ns = 0;
+    }
+
+    /// Capture time from the round's first matching packet to its latest one.
+    fn capture_span(&self) -> Duration {
+        Duration::from_nanos(self.latest_ts.saturating_sub(self.first_ts))
+    }
+
+    /// How long the round's schedule lasts (the span without collapsed gaps, divided by `-a`).
+    fn scheduled(&self) -> Duration {
+        Duration::from_nanos((self.virtual_ns as f64 / self.acceleration).round() as u64)
     }
 
     /// The instant the next matching packet, captured at `ts_ns`, is due, and the same as Unix
@@ -348,6 +362,7 @@ impl Schedule {
         let Some((start, start_unix)) = self.start else {
             let unix = unix_now_ns();
             self.start = Some((now, unix));
+            self.first_ts = ts_ns;
             self.latest_ts = ts_ns;
             return (now, unix);
         };
@@ -1050,6 +1065,8 @@ pub struct OfflineRx {
     replay_started: Instant,
     /// The consumer said it is idle since the end of the file was reached.
     consumer_idle: bool,
+    /// `rx_burst` was called at least once.
+    polled: bool,
     /// Timestamp of the last packet record (for pcapng simple packets, which have none).
     last_ts: u64,
     stats: OfflineStats,
@@ -1107,6 +1124,7 @@ impl OfflineRx {
             round_packets: 0,
             replay_started: now,
             consumer_idle: false,
+            polled: false,
             last_ts: 0,
             stats: OfflineStats::default(),
             port: PortStats::default(),
@@ -1177,7 +1195,7 @@ impl OfflineRx {
                         self.clear_progress();
                         tracing::warn!(
                             "offline: {}: stopped reading at byte offset {} (packet {}): {}; \
-                             replaying the {} packets before it",
+                             replaying the {} packet records before it",
                             self.config.path.display(),
                             stop.offset,
                             stop.packet,
@@ -1240,13 +1258,17 @@ impl OfflineRx {
         }
         self.clear_progress();
         tracing::info!(
-            "offline round {}/{} done: {} packets in {:.3} s{}",
+            "offline round {}/{} done: {} packets in {:.3} s (capture span {:.3} s, scheduled \
+             {:.3} s){}",
             self.round,
             self.config.rounds,
             self.round_packets,
+            // From the first matching packet (the round's start when there was none).
             since
-                .saturating_duration_since(self.round_started)
+                .saturating_duration_since(self.schedule.start.map_or(self.round_started, |s| s.0))
                 .as_secs_f64(),
+            self.schedule.capture_span().as_secs_f64(),
+            self.schedule.scheduled().as_secs_f64(),
             if self.consumer_idle {
                 String::new()
             } else {
@@ -1301,8 +1323,15 @@ impl OfflineRx {
         } else {
             100.0
         };
+        let state = match self.phase {
+            Phase::Draining { since } => format!(
+                "end of file, sessions open for {:.0} s",
+                now.saturating_duration_since(since).as_secs_f64()
+            ),
+            _ => format!("{rate:.0} pkt/s"),
+        };
         let line = format!(
-            "\roffline round {}/{}: {percent:5.1}% of {:.1} MB, {} packets, {rate:.0} pkt/s   ",
+            "\roffline round {}/{}: {percent:5.1}% of {:.1} MB, {} packets, {state}   ",
             self.round,
             self.config.rounds,
             self.reader.size as f64 / 1e6,
@@ -1316,6 +1345,12 @@ impl OfflineRx {
 impl RxPort for OfflineRx {
     fn rx_burst(&mut self, max: usize, sink: &mut dyn FnMut(Frame<'_>)) -> io::Result<usize> {
         let now = (self.clock)();
+        if !self.polled {
+            // The replay starts with the consumer's first poll, not at open.
+            self.polled = true;
+            self.replay_started = now;
+            self.round_started = now;
+        }
         if self.armed_for.is_some_and(|at| at <= now) {
             self.timer.drain();
             self.armed_for = None;
@@ -1446,7 +1481,23 @@ mod tests {
         }
     }
 
-    fn temp_dir() -> PathBuf {
+    /// A directory of its own for one test, removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl std::ops::Deref for TempDir {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn temp_dir() -> TempDir {
         static N: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "tcpcopy-offline-{}-{}",
@@ -1454,7 +1505,7 @@ mod tests {
             N.fetch_add(1, Ordering::SeqCst)
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        dir
+        TempDir(dir)
     }
 
     /// Writes a pcap file: (timestamp, captured bytes, original length) per packet.
@@ -1758,13 +1809,16 @@ mod tests {
                 .iter()
                 .map(|(t, _)| t.as_millis() as u64)
                 .collect();
-            (times, port.offline_stats())
+            let spans = (port.schedule.capture_span(), port.schedule.scheduled());
+            (times, port.offline_stats(), spans)
         };
         assert_eq!(run(1.0, None).0, vec![0, 100, 5100, 5100, 5400]);
         assert_eq!(run(10.0, None).0, vec![0, 10, 510, 510, 540]);
         assert_eq!(run(0.5, None).0, vec![0, 200, 10200, 10200, 10800]);
-        let (times, stats) = run(1.0, Some(ms(1000)));
+        assert_eq!(run(10.0, None).2, (ms(5400), ms(540)));
+        let (times, stats, spans) = run(1.0, Some(ms(1000)));
         assert_eq!(times, vec![0, 100, 100, 100, 400]);
+        assert_eq!(spans, (ms(5400), ms(400)));
         assert_eq!(stats.collapsed_ns, 5_000_000_000);
         assert_eq!(stats.not_matching, 1);
         // The gap is collapsed once, in capture time, whatever -a is.
@@ -2055,7 +2109,6 @@ mod tests {
                 let _ = replay(&mut port, &clock);
                 proptest::prop_assert!(port.finished());
             }
-            let _ = std::fs::remove_dir_all(&dir);
         }
     }
 
