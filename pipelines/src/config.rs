@@ -1298,11 +1298,8 @@ fn check_outputs(log_level: Option<&String>, metrics: Option<&Metrics>) -> Resul
     Ok(())
 }
 
-fn check_control_common(
-    transport: Option<TransportName>,
-    port: Option<u16>,
-) -> Result<(), ConfigError> {
-    let _ = transport;
+/// `control.port`: 1..65535.
+fn check_port(port: Option<u16>) -> Result<(), ConfigError> {
     if port == Some(0) {
         return Err(bad(
             "control.port",
@@ -1458,7 +1455,7 @@ impl TcpcopyFile {
             }
         }
         if let Some(control) = &self.control {
-            check_control_common(control.transport, control.port)?;
+            check_port(control.port)?;
             if let Some(list) = &control.intercepts {
                 if list.0.is_empty() {
                     return Err(bad(
@@ -1520,7 +1517,7 @@ impl InterceptFile {
         }
         check_workers(self.workers.as_ref().and_then(|w| w.count))?;
         if let Some(control) = &self.control {
-            check_control_common(control.transport, control.port)?;
+            check_port(control.port)?;
         }
         if let Some(outputs) = &self.outputs {
             check_outputs(outputs.log_level.as_ref(), outputs.metrics.as_ref())?;
@@ -1813,6 +1810,12 @@ outputs:
             assert!(InterceptFile::from_yaml(text).is_err(), "{text}");
         }
         assert_eq!(TcpcopyFile::from_yaml("").unwrap(), TcpcopyFile::default());
+        // Plain scalars are read as text where a key takes text.
+        let file =
+            TcpcopyFile::from_yaml("ports: {dpdk: {rx: x, lcores: 2, pci: 0000:01:00.0}}").unwrap();
+        let dpdk = file.ports.unwrap().dpdk.unwrap();
+        assert_eq!(dpdk.lcores.as_deref(), Some("2"));
+        assert_eq!(dpdk.pci, Some(Many(vec!["0000:01:00.0".into()])));
     }
 
     /// A command with a few of tcpcopy's flags.

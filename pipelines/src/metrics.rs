@@ -429,6 +429,12 @@ pub fn tcpcopy_json(s: &TcpcopyStats) -> Value {
     m.extend(total.json());
     m.insert("control".into(), fields_json(&client_fields(&s.control)));
     m.insert("reply_queue_full".into(), s.reply_queue_full.into());
+    m.insert("shed".into(), s.shed.into());
+    let mut dump = Map::new();
+    dump.insert("written".into(), s.dump.written.into());
+    dump.insert("dropped".into(), s.dump.dropped.into());
+    dump.insert("errors".into(), s.dump.errors.into());
+    m.insert("dump".into(), Value::Object(dump));
     m.insert(
         "workers".into(),
         Value::Array(
@@ -641,11 +647,33 @@ pub fn tcpcopy_prometheus(s: &TcpcopyStats) -> String {
         "tcpcopy",
         &[(
             vec![],
-            vec![field(
-                "reply_queue_full",
-                "Replies dropped because a worker's queue was full.",
-                s.reply_queue_full,
-            )],
+            vec![
+                field(
+                    "reply_queue_full",
+                    "Replies dropped because a worker's queue was full.",
+                    s.reply_queue_full,
+                ),
+                field(
+                    "shed",
+                    "Sessions shed to stay under the memory cap (-m).",
+                    s.shed,
+                ),
+                field(
+                    "dump_written",
+                    "Packets written to the --dump-sent file.",
+                    s.dump.written,
+                ),
+                field(
+                    "dump_dropped",
+                    "Packets left out of the --dump-sent file (its writer fell behind).",
+                    s.dump.dropped,
+                ),
+                field(
+                    "dump_errors",
+                    "Packets lost to write errors of the --dump-sent file.",
+                    s.dump.errors,
+                ),
+            ],
         )],
     );
     let capture: Vec<(Labels<'_>, &Histogram<u64>)> = views
@@ -1347,7 +1375,9 @@ mod tests {
                     "control_queue_full",
                     "reply_queue_full",
                     "replies_dispatched",
-                    "workers"
+                    "workers",
+                    "shed",
+                    "dump"
                 ]
                 .contains(&name.as_str()),
                 "TcpcopyStats.{name} is not rendered by pipelines/src/metrics.rs"

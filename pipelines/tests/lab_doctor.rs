@@ -5,11 +5,12 @@
 //!
 //! Run as root (`scripts/test.sh` does); under `CI=true` a non-root run fails loudly.
 
-use lab::{Host, Lab, Proc};
+use lab::{Host, Lab};
 use std::time::{Duration, Instant};
 
 const DOCTOR: &str = env!("CARGO_BIN_EXE_tcpcopy-doctor");
-const INTERCEPT: &str = env!("CARGO_BIN_EXE_intercept");
+mod common;
+use common::start_intercept;
 
 const ONLINE: &[&str] = &[
     "online",
@@ -99,26 +100,6 @@ fn sh(lab: &Lab, host: Host, program: &str, args: &[&str]) {
     );
 }
 
-fn start_intercept(lab: &Lab) -> Proc {
-    let mut intercept = lab
-        .spawn(
-            Host::Assistant,
-            INTERCEPT,
-            &["-i", "eth0", "-F", "tcp and src host 10.77.0.30"],
-        )
-        .expect("start intercept");
-    intercept
-        .wait_for_log("starting", Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("intercept did not start: {e:#}\n{}", intercept.log()));
-    lab.wait_port(
-        Host::Online,
-        "10.77.0.40:36524".parse().unwrap(),
-        Duration::from_secs(10),
-    )
-    .unwrap_or_else(|e| panic!("intercept is not listening: {e:#}\n{}", intercept.log()));
-    intercept
-}
-
 #[test]
 fn doctor_passes_a_good_setup_and_names_each_broken_piece() {
     if !lab::require_root() {
@@ -127,7 +108,7 @@ fn doctor_passes_a_good_setup_and_names_each_broken_piece() {
     let lab = Lab::up().expect("lab up");
     let _online = lab.nginx(Host::Online, 80).expect("online nginx");
     let _target = lab.nginx(Host::Target, 8080).expect("target nginx");
-    let mut intercept = start_intercept(&lab);
+    let mut intercept = start_intercept(&lab, &[]);
 
     // A correct setup: no FAIL anywhere.
     let online = doctor(&lab, Host::Online, ONLINE);
@@ -247,7 +228,7 @@ fn doctor_passes_a_good_setup_and_names_each_broken_piece() {
     );
     let broken = doctor(&lab, Host::Assistant, ASSISTANT);
     broken.assert_fail("assistant", &["intercept port 36524", "nothing listens"]);
-    let _intercept = start_intercept(&lab);
+    let _intercept = start_intercept(&lab, &[]);
     doctor(&lab, Host::Online, ONLINE).assert_healthy("online (intercept restarted)");
 }
 

@@ -11,8 +11,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-const TCPCOPY: &str = env!("CARGO_BIN_EXE_tcpcopy");
-const INTERCEPT: &str = env!("CARGO_BIN_EXE_intercept");
+mod common;
+use common::{INTERCEPT, TCPCOPY};
 const REQUESTS: u64 = 200;
 const LISTEN: &str = "127.0.0.1:9114";
 

@@ -5,14 +5,14 @@
 //! Run as root (`scripts/test.sh` does); under `CI=true` a non-root run fails loudly.
 //! Each test builds its own lab and removes it. Run them one at a time (`--test-threads=1`).
 
-use lab::{Host, Lab, Proc};
+use lab::{Host, Lab};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
 
-const TCPCOPY: &str = env!("CARGO_BIN_EXE_tcpcopy");
-const INTERCEPT: &str = env!("CARGO_BIN_EXE_intercept");
+mod common;
+use common::{start_intercept, TCPCOPY};
 
 /// A recorded capture and what went into it.
 struct Capture {
@@ -90,33 +90,6 @@ fn record(lab: &Lab, requests: u32, rate: u32, prefix: &str) -> Capture {
     Capture { file, paths }
 }
 
-fn start_intercept(lab: &Lab) -> Proc {
-    let mut intercept = lab
-        .spawn(
-            Host::Assistant,
-            INTERCEPT,
-            &[
-                "-i",
-                "eth0",
-                "-F",
-                "tcp and src host 10.77.0.30",
-                "--stats-interval",
-                "1",
-            ],
-        )
-        .expect("start intercept");
-    intercept
-        .wait_for_log("starting", Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("intercept did not start: {e:#}\n{}", intercept.log()));
-    lab.wait_port(
-        Host::Online,
-        "10.77.0.40:36524".parse().unwrap(),
-        Duration::from_secs(10),
-    )
-    .unwrap_or_else(|e| panic!("intercept is not listening: {e:#}\n{}", intercept.log()));
-    intercept
-}
-
 /// A finished offline replay.
 struct Replayed {
     status: ExitStatus,
@@ -126,7 +99,7 @@ struct Replayed {
 
 /// Runs intercept, then `tcpcopy --pcap file extra...` until it exits by itself (bounded).
 fn replay(lab: &Lab, file: &Path, extra: &[&str]) -> Replayed {
-    let mut intercept = start_intercept(lab);
+    let mut intercept = start_intercept(lab, &["--stats-interval", "1"]);
     let file_arg = file.to_str().expect("utf-8 path").to_string();
     let mut args = vec![
         "--pcap",

@@ -14,8 +14,8 @@ use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-const TCPCOPY: &str = env!("CARGO_BIN_EXE_tcpcopy");
-const INTERCEPT: &str = env!("CARGO_BIN_EXE_intercept");
+mod common;
+use common::{counter, start_intercept, start_tcpcopy_to};
 
 /// The replay path: intercept on the assistant, tcpcopy on the online host.
 struct Replay {
@@ -23,54 +23,11 @@ struct Replay {
     tcpcopy: Proc,
 }
 
-fn start_intercept(lab: &Lab) -> Proc {
-    let mut intercept = lab
-        .spawn(
-            Host::Assistant,
-            INTERCEPT,
-            &[
-                "-i",
-                "eth0",
-                "-F",
-                "tcp and src host 10.77.0.30",
-                "--stats-interval",
-                "1",
-            ],
-        )
-        .expect("start intercept");
-    intercept
-        .wait_for_log("starting", Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("intercept did not start: {e:#}\n{}", intercept.log()));
-    lab.wait_port(
-        Host::Online,
-        "10.77.0.40:36524".parse().unwrap(),
-        Duration::from_secs(10),
-    )
-    .unwrap_or_else(|e| panic!("intercept is not listening: {e:#}\n{}", intercept.log()));
-    intercept
-}
-
 impl Replay {
     /// Starts intercept, then tcpcopy with `-x transfer` and `extra` flags.
     fn start(lab: &Lab, transfer: &str, extra: &[&str]) -> Replay {
-        let intercept = start_intercept(lab);
-        let mut args = vec![
-            "-i",
-            "eth0",
-            "-x",
-            transfer,
-            "-s",
-            "10.77.0.40",
-            "--stats-interval",
-            "1",
-        ];
-        args.extend_from_slice(extra);
-        let mut tcpcopy = lab
-            .spawn(Host::Online, TCPCOPY, &args)
-            .expect("start tcpcopy");
-        tcpcopy
-            .wait_for_log("connected to intercept", Duration::from_secs(10))
-            .unwrap_or_else(|e| panic!("tcpcopy did not connect: {e:#}\n{}", tcpcopy.log()));
+        let intercept = start_intercept(lab, &["--stats-interval", "1"]);
+        let tcpcopy = start_tcpcopy_to(lab, transfer, extra);
         Replay { intercept, tcpcopy }
     }
 
@@ -136,20 +93,6 @@ impl Replay {
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// The value after `name ` in a statistics line.
-fn counter(line: &str, name: &str) -> u64 {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    words
-        .windows(2)
-        .find(|w| w[0] == name)
-        .and_then(|w| {
-            w[1].trim_matches(|c: char| !c.is_ascii_digit())
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no counter '{name}' in: {line}"))
 }
 
 /// Asserts that no session was lost: no resets by the target, no timeouts, no give-ups, no

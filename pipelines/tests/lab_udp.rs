@@ -13,7 +13,8 @@ use std::net::UdpSocket;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-const TCPCOPY: &str = env!("CARGO_BIN_EXE_tcpcopy");
+mod common;
+use common::{counter, final_line, TCPCOPY};
 const PORT: u16 = 5353;
 
 /// `udpserver` in a lab host.
@@ -83,31 +84,6 @@ fn start_tcpcopy(lab: &Lab, extra: &[&str]) -> Proc {
         .wait_for_log("udp replay started", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("tcpcopy --udp did not start: {e:#}"));
     tcpcopy
-}
-
-/// Stops tcpcopy (SIGTERM) and returns its final statistics line.
-fn stop(tcpcopy: &mut Proc) -> String {
-    tcpcopy.stop();
-    let log = tcpcopy.log();
-    log.lines()
-        .rev()
-        .find(|l| l.contains("final:"))
-        .map(str::to_string)
-        .unwrap_or_else(|| panic!("tcpcopy printed no final statistics:\n{log}"))
-}
-
-/// The value after `name ` in a statistics line.
-fn counter(line: &str, name: &str) -> u64 {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    words
-        .windows(2)
-        .find(|w| w[0] == name)
-        .and_then(|w| {
-            w[1].trim_matches(|c: char| !c.is_ascii_digit())
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no counter '{name}' in: {line}"))
 }
 
 /// The payload of datagram `id`: its id, then a pattern that depends on it, `size` bytes.
@@ -228,7 +204,7 @@ fn replays_2000_datagrams_each_once() {
     let replies = send(&lab, COUNT, SIZE, 20);
     let at_online = settle(&online, COUNT);
     let at_target = settle(&target, COUNT);
-    let stats = stop(&mut tcpcopy);
+    let stats = final_line(&mut tcpcopy);
     let context = format!(
         "online got {at_online}, target got {at_target}, client got {replies} replies\n{stats}\n\
          --- tcpcopy ---\n{}",
@@ -269,7 +245,7 @@ fn replays_fragmented_datagrams_whole_at_a_smaller_mtu() {
     let replies = send(&lab, COUNT, SIZE, 10);
     let at_online = settle(&online, COUNT);
     let at_target = settle(&target, COUNT);
-    let stats = stop(&mut tcpcopy);
+    let stats = final_line(&mut tcpcopy);
     let target_counter = |section, name| {
         lab.net_counter(Host::Target, section, name)
             .unwrap_or_else(|e| panic!("{e:#}"))

@@ -12,9 +12,9 @@ use pipelines::cli;
 use pipelines::tcpcopy::copies::{PortPlan, Sampling};
 use pipelines::tcpcopy::ingress::IngressOptions;
 use pipelines::tcpcopy::latency::Latency;
+use pipelines::tcpcopy::offline::OfflineConfig;
 use pipelines::tcpcopy::transform::{capture_filter, parse_transfers, ClientAddrs};
 use pipelines::tcpcopy::{Tcpcopy, TcpcopyConfig, TcpcopyStats};
-use pipelines::tcpcopy::offline::OfflineConfig;
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -108,7 +108,7 @@ struct Args {
     /// Keep running when every intercept is unreachable (always so: connections are retried)
     #[arg(short = 'L', action = ArgAction::SetTrue)]
     lonely: bool,
-    /// Log file (default: stderr)
+    /// Log file (default: stderr); SIGHUP reopens it (logrotate)
     #[arg(short = 'l', value_name = "FILE")]
     log: Option<PathBuf>,
     /// Run as a daemon
@@ -179,7 +179,12 @@ struct Args {
     )]
     pcap: Option<PathBuf>,
     /// With --pcap: replay N times faster than captured, 0.01..=1000000 (0.5: half speed)
-    #[arg(short = 'a', value_name = "N", default_value_t = 1.0, requires = "pcap")]
+    #[arg(
+        short = 'a',
+        value_name = "N",
+        default_value_t = 1.0,
+        requires = "pcap"
+    )]
     acceleration: f64,
     /// With --pcap: gaps longer than MS milliseconds between replayed packets are skipped (0: off)
     #[arg(short = 'I', value_name = "MS", default_value_t = 0, requires = "pcap")]
@@ -300,6 +305,9 @@ fn run() -> anyhow::Result<()> {
             args.fake_mss
         );
     }
+    if let Some(mib) = args.memory_mib.filter(|m| !(1..=1 << 22).contains(m)) {
+        anyhow::bail!("bad -m value {mib}: the memory cap is 1..=4194304 MiB, e.g. -m 2048");
+    }
     let ingress = IngressOptions {
         plan: PortPlan::new(args.copies, args.instance, args.workers)?,
         sampling: match (args.ramp, args.sample) {
@@ -373,9 +381,6 @@ fn run() -> anyhow::Result<()> {
     let interval = config.stats_interval.unwrap_or(Duration::from_secs(5));
     let mut metrics =
         pipelines::metrics::MetricsExporter::start(&args.metrics, config.stats_interval)?;
-    if let Some(mib) = args.memory_mib.filter(|m| !(1..=1 << 22).contains(m)) {
-        anyhow::bail!("bad -m value {mib}: the memory cap is 1..=4194304 MiB, e.g. -m 2048");
-    }
     let options = pipelines::tcpcopy::RunOptions {
         dump_sent: args.dump_sent.clone(),
     };
@@ -436,6 +441,9 @@ fn run_udp(
     };
     if args.dpdk.settings()?.is_some() {
         anyhow::bail!("--udp captures on kernel interfaces only: use -i INTERFACE, not --dpdk-*");
+    }
+    if args.dump_sent.is_some() || args.memory_mib.is_some() {
+        anyhow::bail!("--dump-sent and -m work with TCP replay only: drop them with --udp");
     }
     if args.mtu < 576 {
         anyhow::bail!(

@@ -33,11 +33,16 @@ pub fn start_intercept(lab: &Lab, extra: &[&str]) -> Proc {
 /// Starts tcpcopy on the online host (`-x 80-10.77.0.30:8080 -s 10.77.0.40`, a statistics
 /// line a second) with `extra` flags and waits until it is connected to intercept.
 pub fn start_tcpcopy(lab: &Lab, extra: &[&str]) -> Proc {
+    start_tcpcopy_to(lab, "80-10.77.0.30:8080", extra)
+}
+
+/// [`start_tcpcopy`] with another `-x` transfer.
+pub fn start_tcpcopy_to(lab: &Lab, transfer: &str, extra: &[&str]) -> Proc {
     let mut args = vec![
         "-i",
         "eth0",
         "-x",
-        "80-10.77.0.30:8080",
+        transfer,
         "-s",
         "10.77.0.40",
         "--stats-interval",
