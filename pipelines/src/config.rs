@@ -1063,6 +1063,8 @@ section! {
         pace_idle_ms: u64 => "pace_idle_ms",
         /// `-m`: memory cap in MiB (idle sessions are shed near it).
         memory_mib: u64 => "memory_mib",
+        /// `--module`: protocol module, e.g. `line-auth=AUTH :AUTH secret`.
+        module: String => "module",
     }
 }
 

@@ -171,6 +171,8 @@ pub fn session_fields(s: &SessionStats) -> Vec<Field> {
         Counter client_no_session: "Client segments with no session that could not start one.",
         Counter mid_stream_created: "Sessions started mid-stream with a fabricated SYN (also in created).",
         Counter reconstructed: "Sessions rebuilt with a fabricated SYN after a target reset.",
+        Counter module_vetoed: "Mid-stream sessions the protocol module refused.",
+        Counter module_prefixes: "Mid-stream sessions the protocol module put bytes in front of.",
         Counter client_syn_retransmits: "Client SYN retransmissions absorbed.",
         Counter client_retransmits: "Client data retransmissions absorbed.",
         Counter client_acks_absorbed: "Client pure ACKs absorbed (tcpcopy makes its own).",

@@ -287,3 +287,124 @@ fn sampling_half_replays_the_same_half_on_every_run() {
     intercept.stop();
     assert_eq!(runs[0], runs[1], "the second run replayed other sessions");
 }
+
+/// One authenticated client of greetserver: greeting, `AUTH lab-secret`, `before` requests
+/// `GET c<conn>-r<i>`, a pause, then `after` more, 100 ms apart, each waiting for its answer
+/// (100 payload bytes), then `QUIT`.
+fn auth_client(conn: usize, before: usize, pause: Duration, after: usize) -> Result<(), String> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let err = |e: std::io::Error| format!("connection {conn}: {e}");
+    let stream = std::net::TcpStream::connect("10.77.0.20:2525").map_err(err)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(err)?;
+    let mut out = stream.try_clone().map_err(err)?;
+    let mut reader = BufReader::new(stream);
+    let expect = |reader: &mut BufReader<std::net::TcpStream>, prefix: &str| {
+        let mut line = String::new();
+        reader.read_line(&mut line).map_err(err)?;
+        if line.starts_with(prefix) {
+            Ok(())
+        } else {
+            Err(format!(
+                "connection {conn}: expected {prefix:?}, got {line:?}"
+            ))
+        }
+    };
+    expect(&mut reader, "220 ")?;
+    out.write_all(b"AUTH lab-secret\r\n").map_err(err)?;
+    expect(&mut reader, "235 ")?;
+    let mut body = [0u8; 100];
+    for i in 0..before + after {
+        if i == before {
+            std::thread::sleep(pause);
+        }
+        out.write_all(format!("GET c{conn}-r{i}\r\n").as_bytes())
+            .map_err(err)?;
+        expect(&mut reader, "OK ")?;
+        reader.read_exact(&mut body).map_err(err)?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    out.write_all(b"QUIT\r\n").map_err(err)?;
+    expect(&mut reader, "221 ")
+}
+
+/// Issue 5, protocol modules: a server that requires `AUTH` first (greetserver
+/// `--require-auth`). Ten connections authenticate before tcpcopy starts, so tcpcopy sees
+/// them only mid-stream and the target would refuse their requests (`530`). With
+/// `--module line-auth`, a session seen from its SYN teaches the module the client's `AUTH`
+/// line (its configured default is deliberately wrong), and the module sends that line in
+/// front of each of the ten sessions: every request sent after the start is served at the
+/// target.
+#[test]
+fn a_protocol_module_reauthenticates_sessions_captured_mid_stream() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::up().expect("lab up");
+    let auth = ["--require-auth", "lab-secret"];
+    let online = Greetserver::start(&lab, Host::Online, 2525, 64, 100, &auth);
+    let target = Greetserver::start(&lab, Host::Target, 2526, 64, 100, &auth);
+    let mut intercept = start_intercept(&lab, &[]);
+    let line = std::thread::scope(|s| {
+        let clients = s.spawn(|| {
+            lab.in_ns(Host::Client, || {
+                std::thread::scope(|s| {
+                    let all: Vec<_> = (0..10)
+                        .map(|c| s.spawn(move || auth_client(c, 3, Duration::from_secs(5), 30)))
+                        .collect();
+                    all.into_iter()
+                        .map(|h| h.join().expect("client thread"))
+                        .collect::<Result<Vec<()>, String>>()
+                })
+            })
+            .expect("enter the client namespace")
+        });
+        // Every connection has authenticated and sent its first requests before tcpcopy.
+        assert_eq!(
+            online.wait_count(30, Duration::from_secs(20)),
+            30,
+            "the clients did not start"
+        );
+        let mut tcpcopy = start_tcpcopy_to(
+            &lab,
+            "2525-10.77.0.30:2526",
+            &["--module", "line-auth=AUTH :AUTH wrong-default"],
+        );
+        // A whole session, seen from its SYN: the module learns the client's AUTH line.
+        lab.in_ns(Host::Client, || auth_client(99, 1, Duration::ZERO, 0))
+            .expect("enter the client namespace")
+            .unwrap_or_else(|e| panic!("the learning client failed: {e}"));
+        clients
+            .join()
+            .expect("clients")
+            .unwrap_or_else(|e| panic!("a client failed: {e}"));
+        target.settle_count(301, Duration::from_secs(10));
+        final_line(&mut tcpcopy)
+    });
+    intercept.stop();
+    let after: Vec<String> = online
+        .entries()
+        .into_iter()
+        .map(|(_, id)| id)
+        .filter(|id| {
+            id == "c99-r0"
+                || id
+                    .split("-r")
+                    .nth(1)
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .is_some_and(|i| i >= 3)
+        })
+        .collect();
+    assert_eq!(after.len(), 301);
+    let at_target: HashSet<String> = target.entries().into_iter().map(|(_, id)| id).collect();
+    let missing: Vec<&String> = after.iter().filter(|id| !at_target.contains(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of 301 requests sent after the start were not served at the target (e.g. {:?})\n{line}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert_eq!(counter(&line, "mid-stream"), 10, "{line}");
+    assert_eq!(counter(&line, "module-prefixes"), 10, "{line}");
+}

@@ -11,11 +11,10 @@ use lab::{Host, Lab, Proc};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpStream};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{counter, start_intercept, start_tcpcopy_to};
+use common::{counter, start_intercept, start_tcpcopy_to, Greetserver};
 
 /// The replay path: intercept on the assistant, tcpcopy on the online host.
 struct Replay {
@@ -156,66 +155,6 @@ const GREET_PAYLOAD: usize = 3000;
 const GREET_CONNECTIONS: usize = 200;
 const GREET_REQUESTS: usize = 5;
 
-/// `greetserver` running in a lab host; the request log is `log`.
-struct Greetserver {
-    _proc: Proc,
-    log: PathBuf,
-}
-
-impl Greetserver {
-    /// Starts it with greetings of `greet_bytes` bytes and `GREET_PAYLOAD`-byte answers.
-    fn start(lab: &Lab, host: Host, port: u16, greet_bytes: usize) -> Greetserver {
-        lab::build_lab_bins().expect("build lab's binaries");
-        let addr = SocketAddrV4::new(host.addr(), port);
-        let log = lab
-            .dir()
-            .join(format!("greetserver-{}-{port}.log", host.name()));
-        let (listen, log_arg, payload, greet) = (
-            addr.to_string(),
-            log.to_string_lossy().into_owned(),
-            GREET_PAYLOAD.to_string(),
-            greet_bytes.to_string(),
-        );
-        let mut proc = lab
-            .spawn(
-                host,
-                lab::workspace_bin("greetserver"),
-                &[
-                    "--listen",
-                    &listen,
-                    "--log",
-                    &log_arg,
-                    "--payload-bytes",
-                    &payload,
-                    "--greet-bytes",
-                    &greet,
-                ],
-            )
-            .expect("start greetserver");
-        if let Err(e) = lab.wait_port(host, addr, lab::START_TIMEOUT) {
-            panic!("greetserver did not listen: {e:#}\n{}", proc.log());
-        }
-        assert!(proc.is_running(), "{}", proc.log());
-        Greetserver { _proc: proc, log }
-    }
-
-    /// (peer, id) of every logged request, in log order.
-    fn entries(&self) -> Vec<(SocketAddrV4, String)> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| {
-                let (peer, id) = l.split_once(' ')?;
-                Some((peer.parse().ok()?, id.to_string()))
-            })
-            .collect()
-    }
-
-    fn count(&self) -> usize {
-        self.entries().len()
-    }
-}
-
 /// One greetserver session as a client: greeting, `GREET_REQUESTS` requests each waiting for
 /// its answer, QUIT, then the server's close. Returns the local port.
 fn greet_session(addr: SocketAddr, conn: usize, payload: &[u8]) -> Result<u16, String> {
@@ -313,8 +252,22 @@ fn server_first_protocol_with_a_longer_target_greeting() {
 /// returns tcpcopy's final statistics line.
 fn greet_case(target_greet: usize) -> String {
     let lab = Lab::up().expect("lab up");
-    let online = Greetserver::start(&lab, Host::Online, GREET_ONLINE_PORT, GREET_BYTES);
-    let target = Greetserver::start(&lab, Host::Target, GREET_TARGET_PORT, target_greet);
+    let online = Greetserver::start(
+        &lab,
+        Host::Online,
+        GREET_ONLINE_PORT,
+        GREET_BYTES,
+        GREET_PAYLOAD,
+        &[],
+    );
+    let target = Greetserver::start(
+        &lab,
+        Host::Target,
+        GREET_TARGET_PORT,
+        target_greet,
+        GREET_PAYLOAD,
+        &[],
+    );
     let transfer = format!("{GREET_ONLINE_PORT}-10.77.0.30:{GREET_TARGET_PORT}");
     let mut replay = Replay::start(&lab, &transfer, &[]);
     let addr = SocketAddr::from(SocketAddrV4::new(Host::Online.addr(), GREET_ONLINE_PORT));

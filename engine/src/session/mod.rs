@@ -30,11 +30,13 @@
 
 mod index;
 mod lists;
+pub mod module;
 mod pool;
 mod prefetch;
 mod table;
 mod wheel;
 
+pub use module::{LineAuth, SessionModule};
 pub use table::{ClientPacket, SessionTable, TableMemory};
 
 use crate::flow::FlowKey;
@@ -179,6 +181,10 @@ pub struct SessionStats {
     /// Sessions rebuilt with a fabricated SYN after the target reset them while client data
     /// was still to be delivered.
     pub reconstructed: u64,
+    /// Mid-stream sessions the protocol module refused.
+    pub module_vetoed: u64,
+    /// Mid-stream sessions the protocol module put bytes in front of.
+    pub module_prefixes: u64,
     /// Client SYN retransmissions absorbed.
     pub client_syn_retransmits: u64,
     /// Client data retransmissions absorbed (already queued or sent).
@@ -243,6 +249,8 @@ impl SessionStats {
             client_no_session,
             mid_stream_created,
             reconstructed,
+            module_vetoed,
+            module_prefixes,
             client_syn_retransmits,
             client_retransmits,
             client_acks_absorbed,
@@ -279,6 +287,8 @@ impl SessionStats {
         self.client_no_session += client_no_session;
         self.mid_stream_created += mid_stream_created;
         self.reconstructed += reconstructed;
+        self.module_vetoed += module_vetoed;
+        self.module_prefixes += module_prefixes;
         self.client_syn_retransmits += client_syn_retransmits;
         self.client_retransmits += client_retransmits;
         self.client_acks_absorbed += client_acks_absorbed;

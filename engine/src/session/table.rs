@@ -26,6 +26,7 @@
 
 use super::index::FlowIndex;
 use super::lists::{Link, Lists, NIL};
+use super::module::SessionModule;
 use super::pool::{SegmentPool, Stored};
 use super::prefetch::prefetch;
 use super::wheel::{Wheel, READY, WHEEL_LISTS};
@@ -130,6 +131,8 @@ pub struct SessionTable {
     scratch: Vec<u8>,
     /// The latest `now` seen, in ms.
     now_ms: u64,
+    /// The protocol module, if any.
+    module: Option<Box<dyn SessionModule>>,
 }
 
 impl fmt::Debug for SessionTable {
@@ -141,6 +144,55 @@ impl fmt::Debug for SessionTable {
             .field("pool_in_use", &self.pool.in_use())
             .finish()
     }
+}
+
+/// The payload of an IPv4/TCP packet (empty when it is not one).
+fn payload_of(packet: &[u8]) -> &[u8] {
+    let Some(&first) = packet.first() else {
+        return &[];
+    };
+    let ihl = usize::from(first & 0x0f) * 4;
+    let total = packet
+        .get(2..4)
+        .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+    let Some(&doff) = packet.get(ihl + 12) else {
+        return &[];
+    };
+    let start = ihl + usize::from(doff >> 4) * 4;
+    packet.get(start..total.min(packet.len())).unwrap_or(&[])
+}
+
+/// Builds into `buf` a copy of `packet` (IPv4/TCP, headers and options kept) whose payload is
+/// `payload`, placed just before `seg`'s first byte; returns its parsed segment.
+fn with_payload(
+    packet: &[u8],
+    seg: &ClientSegment,
+    payload: &[u8],
+    buf: &mut Vec<u8>,
+) -> Option<ClientSegment> {
+    use crate::wire::{Ipv4Packet, TcpPacket};
+    let ip = Ipv4Packet::new_checked(packet).ok()?;
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    let headers = ip.header_len() + tcp.header_len();
+    let total = u16::try_from(headers + payload.len()).ok()?;
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let seq = seg.seq.add((payload.len() as u32).wrapping_neg());
+    buf.clear();
+    buf.extend_from_slice(&packet[..headers]);
+    buf.extend_from_slice(payload);
+    let mut ip = Ipv4Packet::new_unchecked(&mut buf[..]);
+    ip.set_total_len(total);
+    ip.fill_checksum();
+    let mut tcp = TcpPacket::new_unchecked(ip.payload_mut());
+    tcp.set_seq_number(seq);
+    tcp.set_flags(TcpFlags::ACK | TcpFlags::PSH);
+    tcp.fill_checksum(src, dst);
+    Some(ClientSegment {
+        seq,
+        flags: TcpFlags::ACK | TcpFlags::PSH,
+        payload_len: payload.len() as u32,
+        ..*seg
+    })
 }
 
 /// Builds the context of a session event from the table's fields.
@@ -176,8 +228,19 @@ impl SessionTable {
             stats: SessionStats::default(),
             scratch: Vec::with_capacity(1 << 16),
             now_ms: 0,
+            module: None,
             config,
         }
+    }
+
+    /// Installs a protocol module (see [`SessionModule`]).
+    pub fn set_module(&mut self, module: Box<dyn SessionModule>) {
+        self.module = Some(module);
+    }
+
+    /// The protocol module, if any.
+    pub fn module(&self) -> Option<&dyn SessionModule> {
+        self.module.as_deref()
     }
 
     /// The configuration in force.
@@ -375,6 +438,13 @@ impl SessionTable {
             return;
         }
         let session = &mut self.sessions[idx as usize];
+        if let Some(module) = self.module.as_deref_mut() {
+            if seg.payload_len > 0 && !seg.seq.before(session.queued_end) {
+                let offset = seg.seq.diff(session.client_isn.add(1)).max(0) as u32;
+                let from_syn = !session.has(FAKE_SYN);
+                module.client_payload(&key, offset, from_syn, payload_of(packet));
+            }
+        }
         let before = (session.last_response_at, session.is_closed());
         let mut cx = ctx!(self, out, now);
         let verdict = session.on_client(packet, seg, &mut cx);
@@ -404,10 +474,19 @@ impl SessionTable {
             self.stats.client_no_session += 1;
             return false;
         }
+        let mut prefix: Option<Vec<u8>> = None;
+        if let Some(module) = self.module.as_deref_mut() {
+            if !module.accept_mid_stream(&key, payload_of(packet)) {
+                self.stats.module_vetoed += 1;
+                return false;
+            }
+            prefix = module.mid_stream_prefix(&key).filter(|p| !p.is_empty());
+        }
+        let prefix_len = prefix.as_ref().map_or(0, |p| p.len() as u32);
         let mut syn = std::mem::take(&mut self.scratch);
         let syn_seg = fabricate_syn(
             packet,
-            seg.seq.add(u32::MAX),
+            seg.seq.add(u32::MAX).add(prefix_len.wrapping_neg()),
             self.limits.fake_syn_mss,
             &mut syn,
         );
@@ -431,7 +510,18 @@ impl SessionTable {
         session.set_restarts(restarts);
         let before = (session.last_response_at, session.is_closed());
         let mut cx = ctx!(self, out, now);
-        let verdict = session.on_client(packet, seg, &mut cx);
+        let mut verdict = Verdict::Keep;
+        if let Some(prefix) = prefix {
+            // The module's bytes go first, just before the captured data.
+            let mut buf = Vec::with_capacity(packet.len() + prefix.len());
+            if let Some(pseg) = with_payload(packet, seg, &prefix, &mut buf) {
+                cx.stats.module_prefixes += 1;
+                verdict = session.on_client(&buf, &pseg, &mut cx);
+            }
+        }
+        if verdict == Verdict::Keep {
+            verdict = session.on_client(packet, seg, &mut cx);
+        }
         self.settle(idx, verdict, before, out);
         true
     }

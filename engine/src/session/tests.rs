@@ -753,3 +753,45 @@ fn a_zero_window_is_probed_without_giving_up_while_the_target_answers() {
     }
     assert_eq!(h.table.stats().gave_up, 1);
 }
+
+#[test]
+fn a_module_puts_its_bytes_in_front_of_a_mid_stream_session() {
+    let mut h = Harness::new(SessionConfig::default());
+    h.table
+        .set_module(Box::new(LineAuth::from_arg("AUTH :AUTH lab")));
+    h.client(PA, C_ISN + 1, O_BASE + 64, b"GET 7\r\n", ms(1));
+    let sent = h.out.take();
+    // "AUTH lab\r\n" is 10 bytes: the SYN moves back by them.
+    assert_eq!((sent[0].flags, sent[0].seq), (TcpFlags::SYN, C_ISN - 10));
+    h.resp(TcpFlags::SYN | A, T_ISN, C_ISN - 9, 0, ms(2));
+    let sent = h.out.take();
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    assert_eq!((sent[1].seq, sent[1].len), (C_ISN - 9, 10));
+    assert_eq!((sent[2].seq, sent[2].len), (C_ISN + 1, 7));
+    assert_eq!(h.table.stats().module_prefixes, 1);
+    assert_eq!(h.table.module().map(|m| m.name()), Some("line-auth"));
+}
+
+#[test]
+fn a_module_learns_from_sessions_seen_from_their_syn() {
+    let mut h = Harness::new(SessionConfig::default());
+    h.table.set_module(Box::new(LineAuth::from_arg("AUTH ")));
+    h.establish();
+    h.client(PA, C_ISN + 1, O_BASE, b"AUTH learned\r\n", ms(2));
+    h.out.take();
+    // Another session of the same client, captured mid-stream, gets the learned line.
+    let other = FlowKey {
+        client_port: 40001,
+        ..key()
+    };
+    let (mut p, s) = client(PA, 50_000, O_BASE, b"GET 1\r\n", None);
+    {
+        let mut ip = Ipv4Packet::new_unchecked(&mut p[..]);
+        let mut tcp = TcpPacket::new_unchecked(ip.payload_mut());
+        tcp.rewrite_src_port(40001);
+    }
+    h.table.on_client_packet(other, &p, &s, ms(3), &mut h.out);
+    let syn = h.out.take();
+    assert_eq!(syn[0].seq, 50_000 - 1 - 14);
+    assert_eq!(h.table.stats().module_prefixes, 1);
+}

@@ -6,6 +6,9 @@
 //!   `--log FILE` (before answering), then answers `OK <id> <len>\r\n` and `len` payload bytes
 //!   (`lab::http::body_bytes(len, 5)`, `len` = `--payload-bytes`);
 //! - `QUIT`: answers `221 bye\r\n` and closes the connection (the server closes first);
+//! - with `--require-auth TOKEN`, `AUTH TOKEN` must come first (answered `235 ok\r\n`): a
+//!   `GET` before it is answered `530 auth required\r\n` and not logged; a wrong token is
+//!   answered `535 bad token\r\n`;
 //! - anything else (unknown, malformed, over 1024 bytes, not UTF-8): `500 bad command\r\n`,
 //!   counted; the connection is closed after 10 of them.
 //!
@@ -50,6 +53,9 @@ struct Args {
     /// Close a connection idle for this many seconds.
     #[arg(long, default_value_t = 65)]
     idle_timeout_s: u64,
+    /// Require `AUTH TOKEN` before any GET on a connection.
+    #[arg(long, value_name = "TOKEN")]
+    require_auth: Option<String>,
 }
 
 struct Server {
@@ -59,6 +65,7 @@ struct Server {
     idle: Duration,
     connections: AtomicU64,
     bad_lines: AtomicU64,
+    require_auth: Option<String>,
 }
 
 /// The greeting of connection `n`, exactly `len` bytes (at least the unpadded line).
@@ -74,6 +81,7 @@ fn greeting(n: u64, len: usize) -> Vec<u8> {
 #[derive(Debug, PartialEq, Eq)]
 enum Command<'a> {
     Get(&'a str),
+    Auth(&'a str),
     Quit,
     Bad,
 }
@@ -91,6 +99,7 @@ fn parse_command(line: &[u8]) -> Command<'_> {
     };
     match text.split_once(' ') {
         Some(("GET", id)) if valid_id(id) => Command::Get(id),
+        Some(("AUTH", token)) if valid_id(token) => Command::Auth(token),
         None if text == "QUIT" => Command::Quit,
         _ => Command::Bad,
     }
@@ -141,6 +150,7 @@ fn serve(server: &Server, stream: TcpStream, peer: SocketAddr) -> io::Result<()>
     let mut reader = BufReader::with_capacity(16 * 1024, stream);
     let mut line = Vec::with_capacity(128);
     let mut bad = 0;
+    let mut authenticated = server.require_auth.is_none();
     while read_line(&mut reader, &mut line)? {
         let command = if line.len() > MAX_LINE {
             Command::Bad
@@ -148,6 +158,17 @@ fn serve(server: &Server, stream: TcpStream, peer: SocketAddr) -> io::Result<()>
             parse_command(&line)
         };
         match command {
+            Command::Auth(token) => {
+                if server.require_auth.as_deref() == Some(token) {
+                    authenticated = true;
+                    out.write_all(b"235 ok\r\n")?;
+                } else {
+                    out.write_all(b"535 bad token\r\n")?;
+                }
+            }
+            Command::Get(_) if !authenticated => {
+                out.write_all(b"530 auth required\r\n")?;
+            }
             Command::Get(id) => {
                 if let Some(log) = &server.log {
                     let entry = format!("{}:{} {id}\n", peer.ip(), peer.port());
@@ -206,6 +227,7 @@ fn main() {
         idle: Duration::from_secs(args.idle_timeout_s.max(1)),
         connections: AtomicU64::new(0),
         bad_lines: AtomicU64::new(0),
+        require_auth: args.require_auth.clone(),
     });
     let active = Arc::new(AtomicUsize::new(0));
     let max = args.max_threads.max(1);

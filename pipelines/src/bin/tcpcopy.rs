@@ -105,6 +105,11 @@ struct Args {
     /// MSS option of the SYNs fabricated for sessions captured mid-stream
     #[arg(short = 'D', value_name = "BYTES", default_value_t = 1460)]
     fake_mss: u16,
+    /// Protocol module: line-auth[=VERB[:DEFAULT LINE]] learns each client's first line
+    /// starting with VERB (default 'AUTH ') and sends it, or DEFAULT LINE, in front of
+    /// sessions captured mid-stream, e.g. --module 'line-auth=AUTH :AUTH secret'
+    #[arg(long, value_name = "SPEC")]
+    module: Option<String>,
     /// Keep running when every intercept is unreachable (always so: connections are retried)
     #[arg(short = 'L', action = ArgAction::SetTrue)]
     lonely: bool,
@@ -343,6 +348,11 @@ fn run() -> anyhow::Result<()> {
         workers: args.workers,
         cores,
         dpdk,
+        module: args
+            .module
+            .as_deref()
+            .map(pipelines::tcpcopy::modules::ModuleSpec::parse)
+            .transpose()?,
         ingress,
         transport: args.transport,
         auth: args

@@ -17,6 +17,7 @@ pub mod copies;
 pub mod dump;
 pub mod ingress;
 pub mod latency;
+pub mod modules;
 pub mod offline;
 pub mod ops;
 pub mod owners;
@@ -88,6 +89,8 @@ pub struct TcpcopyConfig {
     pub cores: Option<Vec<usize>>,
     /// Capture and transmit through DPDK devices instead of `interface` and the raw socket.
     pub dpdk: Option<crate::ports::DpdkSettings>,
+    /// `--module`: the protocol module each worker's session table gets.
+    pub module: Option<modules::ModuleSpec>,
     /// Control channel transport.
     pub transport: engine::control::Transport,
     /// Control channel shared secret (authentication on when set).
@@ -221,7 +224,7 @@ impl TcpcopyStats {
             "captured {} capture-drops {} accepted {} (data {}) dropped: malformed {}: truncated {} bad-version {} bad-ihl {} \
              bad-total-len {} bad-data-offset {} bad-options {} cut-short {} | no-transfer {} not-tcp {} fragments {} \
              sampled-out {} copies {} split {} (pieces {}) localhost-rewritten {} | \
-             sessions {} created {} mid-stream {} reconstructed {} established {} closed {} client-rst {} target-rst {} timed-out {} gave-up {} \
+             sessions {} created {} mid-stream {} reconstructed {} module-prefixes {} module-vetoed {} established {} closed {} client-rst {} target-rst {} timed-out {} gave-up {} \
              port-reuse-reset {} port-reuse-replaced {} stale-at-target {} table-full {} no-session {} queue-full {} client-retransmits {} hole-fills {} | sent {} data {} syn {} fin {} rst {} acks {} \
              retransmits {} pace-releases {} tx-errors {} | replies {} (data {}) unmatched {} | \
              control up {} sent {} dropped {} reconnects {} queue-full {} udp-lost {} udp-rejected {} \
@@ -250,6 +253,8 @@ impl TcpcopyStats {
             s.created,
             s.mid_stream_created,
             s.reconstructed,
+            s.module_prefixes,
+            s.module_vetoed,
             s.established,
             s.closed,
             s.client_resets,
@@ -476,7 +481,13 @@ impl Tcpcopy {
                     config.clients.clone(),
                     config.ingress,
                 ),
-                table: SessionTable::new(config.session.clone()),
+                table: {
+                    let mut table = SessionTable::new(config.session.clone());
+                    if let Some(spec) = &config.module {
+                        table.set_module(spec.build());
+                    }
+                    table
+                },
                 replies: reply_rx,
                 to_control,
                 control_waker: control_waker.clone(),

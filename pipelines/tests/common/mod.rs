@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 use lab::{Host, Lab, Proc};
+use std::net::SocketAddrV4;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The tcpcopy binary of this build.
@@ -114,4 +116,89 @@ pub fn counter(line: &str, name: &str) -> u64 {
                 .ok()
         })
         .unwrap_or_else(|| panic!("no counter '{name}' in: {line}"))
+}
+
+/// `greetserver` running in a lab host; the request log is `log`.
+pub struct Greetserver {
+    _proc: Proc,
+    log: PathBuf,
+}
+
+impl Greetserver {
+    /// Starts it with greetings of `greet_bytes` bytes, `payload_bytes`-byte answers and
+    /// `extra` flags.
+    pub fn start(
+        lab: &Lab,
+        host: Host,
+        port: u16,
+        greet_bytes: usize,
+        payload_bytes: usize,
+        extra: &[&str],
+    ) -> Greetserver {
+        lab::build_lab_bins().expect("build lab's binaries");
+        let addr = SocketAddrV4::new(host.addr(), port);
+        let log = lab
+            .dir()
+            .join(format!("greetserver-{}-{port}.log", host.name()));
+        let (listen, log_arg, payload, greet) = (
+            addr.to_string(),
+            log.to_string_lossy().into_owned(),
+            payload_bytes.to_string(),
+            greet_bytes.to_string(),
+        );
+        let mut args = vec![
+            "--listen",
+            &listen,
+            "--log",
+            &log_arg,
+            "--payload-bytes",
+            &payload,
+            "--greet-bytes",
+            &greet,
+        ];
+        args.extend_from_slice(extra);
+        let mut proc = lab
+            .spawn(host, lab::workspace_bin("greetserver"), &args)
+            .expect("start greetserver");
+        if let Err(e) = lab.wait_port(host, addr, lab::START_TIMEOUT) {
+            panic!("greetserver did not listen: {e:#}\n{}", proc.log());
+        }
+        assert!(proc.is_running(), "{}", proc.log());
+        Greetserver { _proc: proc, log }
+    }
+
+    /// (peer, id) of every logged request, in log order.
+    pub fn entries(&self) -> Vec<(SocketAddrV4, String)> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (peer, id) = l.split_once(' ')?;
+                Some((peer.parse().ok()?, id.to_string()))
+            })
+            .collect()
+    }
+
+    pub fn count(&self) -> usize {
+        self.entries().len()
+    }
+
+    /// Waits (bounded by `max`) until the log holds `want` entries; returns the count.
+    pub fn wait_count(&self, want: usize, max: Duration) -> usize {
+        let deadline = std::time::Instant::now() + max;
+        loop {
+            let n = self.count();
+            if n >= want || std::time::Instant::now() >= deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits like [`Greetserver::wait_count`], then a little longer for stragglers.
+    pub fn settle_count(&self, want: usize, max: Duration) -> usize {
+        self.wait_count(want, max);
+        std::thread::sleep(Duration::from_millis(500));
+        self.count()
+    }
 }
