@@ -159,6 +159,7 @@ pub fn session_fields(s: &SessionStats) -> Vec<Field> {
         Counter created: "Sessions created (from a captured SYN, or mid-stream).",
         Counter removed: "Sessions removed (for any reason).",
         Counter established: "Sessions whose handshake with the target completed (SYN-ACK seen).",
+        Counter answered: "Sessions in which the target sent response data (first response seen).",
         Counter closed: "Sessions closed by both FINs.",
         Counter client_resets: "Sessions ended by a client RST.",
         Counter target_resets: "Sessions ended by a target RST.",

@@ -90,6 +90,7 @@ fn sessions_open_before_the_start_are_replayed() {
     assert!(counts.values().all(|n| *n == 1), "a path doubled\n{line}");
     assert_eq!(counter(&line, "mid-stream"), 20, "{line}");
     assert_eq!(counter(&line, "created"), 20, "{line}");
+    assert_eq!(counter(&line, "answered"), 20, "{line}");
     println!(
         "mid-stream: {} requests after the start, all {} at the target; {line}",
         after.len(),

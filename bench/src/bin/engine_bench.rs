@@ -790,6 +790,10 @@ fn main() {
         // First, while the allocator has handed out nothing big yet (resident growth).
         memory(&sizes);
     }
+    if args.scaling {
+        scaling_report(args.packets);
+        return;
+    }
     let payloads: Vec<usize> = args.payload.map_or(vec![64, 512], |p| vec![p]);
     let mut cases = vec![
         Case::Session,
@@ -835,11 +839,7 @@ fn main() {
             }
         }
     }
-    if single && !args.scaling {
-        return;
-    }
-    if args.scaling {
-        scaling_report(args.packets);
+    if single {
         return;
     }
 

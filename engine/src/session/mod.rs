@@ -153,6 +153,8 @@ pub struct SessionStats {
     pub removed: u64,
     /// Sessions whose handshake with the target completed (SYN-ACK seen).
     pub established: u64,
+    /// Sessions in which the target sent response data (the first response byte seen).
+    pub answered: u64,
     /// Sessions closed by both FINs.
     pub closed: u64,
     /// Sessions ended by a client RST.
@@ -237,6 +239,7 @@ impl SessionStats {
             created,
             removed,
             established,
+            answered,
             closed,
             client_resets,
             target_resets,
@@ -275,6 +278,7 @@ impl SessionStats {
         self.created += created;
         self.removed += removed;
         self.established += established;
+        self.answered += answered;
         self.closed += closed;
         self.client_resets += client_resets;
         self.target_resets += target_resets;
@@ -508,6 +512,9 @@ const WINDOW_UNSCALED: u16 = 1 << 10;
 /// The handshake was fabricated (mid-stream capture or reconstruction): the target saw no
 /// window scale, so client segments go out with the window forced to 65535.
 const FAKE_SYN: u16 = 1 << 11;
+/// The target has sent response data in this session (counted once in
+/// [`SessionStats::answered`]). Bits 12..=14 are the table's [`Place`].
+const ANSWERED: u16 = 1 << 15;
 
 /// Where the table has filed a session (bits 12..15 of the flags; the table's business).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1313,6 +1320,10 @@ impl Session {
         let mut ack_now = false;
         if resp.payload_len > 0 || resp.flags.contains(TcpFlags::FIN) {
             let data_end = resp.seq.add(resp.payload_len);
+            if resp.payload_len > 0 && !self.has(ANSWERED) {
+                self.flags |= ANSWERED;
+                cx.stats.answered += 1;
+            }
             if resp.payload_len > 0 && data_end.after(self.rcv_nxt) && self.has(AWAITING_REPLY) {
                 // The first byte of the answer: the request's reply latency.
                 self.set(AWAITING_REPLY, false);

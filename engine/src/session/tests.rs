@@ -605,6 +605,9 @@ fn a_session_captured_mid_stream_starts_with_a_fabricated_syn() {
         (sent[0].seq, sent[0].ack, sent[0].len),
         (C_ISN + 20, T_BASE + 400, 19)
     );
+    assert_eq!(h.table.stats().answered, 1);
+    h.resp(PA, T_BASE + 400, C_ISN + 39, 100, ms(5));
+    assert_eq!(h.table.stats().answered, 1, "once per session");
 }
 
 #[test]

@@ -224,7 +224,7 @@ impl TcpcopyStats {
             "captured {} capture-drops {} accepted {} (data {}) dropped: malformed {}: truncated {} bad-version {} bad-ihl {} \
              bad-total-len {} bad-data-offset {} bad-options {} cut-short {} | no-transfer {} not-tcp {} fragments {} \
              sampled-out {} copies {} split {} (pieces {}) localhost-rewritten {} | \
-             sessions {} created {} mid-stream {} reconstructed {} module-prefixes {} module-vetoed {} established {} closed {} client-rst {} target-rst {} timed-out {} gave-up {} \
+             sessions {} created {} mid-stream {} reconstructed {} module-prefixes {} module-vetoed {} established {} answered {} closed {} client-rst {} target-rst {} timed-out {} gave-up {} \
              port-reuse-reset {} port-reuse-replaced {} stale-at-target {} table-full {} no-session {} queue-full {} client-retransmits {} hole-fills {} | sent {} data {} syn {} fin {} rst {} acks {} \
              retransmits {} pace-releases {} tx-errors {} | replies {} (data {}) unmatched {} | \
              control up {} sent {} dropped {} reconnects {} queue-full {} udp-lost {} udp-rejected {} \
@@ -256,6 +256,7 @@ impl TcpcopyStats {
             s.module_prefixes,
             s.module_vetoed,
             s.established,
+            s.answered,
             s.closed,
             s.client_resets,
             s.target_resets,
