@@ -23,6 +23,7 @@
 //! # Ok(()) }
 //! ```
 
+mod accept;
 pub mod http;
 mod proc;
 mod report;
@@ -39,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+pub use accept::serve_connections;
 pub use proc::{Proc, STOP_GRACE};
 pub use report::{Latency, LoadReport};
 pub use servers::{

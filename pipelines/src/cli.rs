@@ -189,6 +189,35 @@ pub fn stop_flag(hangup_stops: bool) -> anyhow::Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
+/// What a tool holds while it runs: its pid file (removed when dropped) and the stop flag.
+#[derive(Debug)]
+pub struct Live {
+    /// The `-P` pid file, if any.
+    pub pid_file: Option<PidFile>,
+    /// Raised by SIGINT/SIGTERM (see [`stop_flag`]).
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Goes live once the settings are valid, as every tool does: detaches with `-d`, opens the
+/// log (`-l`, `--log-level`), writes the pid file (`-P`) and installs the stop signals.
+///
+/// # Errors
+/// Any of those steps failing, named.
+pub fn go_live(
+    daemon: bool,
+    log: Option<&Path>,
+    level: &str,
+    pid_file: Option<&Path>,
+) -> anyhow::Result<Live> {
+    if daemon {
+        daemonize()?;
+    }
+    init_logging(log, level)?;
+    let pid_file = pid_file.map(PidFile::create).transpose()?;
+    let stop = stop_flag(!daemon)?;
+    Ok(Live { pid_file, stop })
+}
+
 /// Parses `-s`: `ip[:port],...`, the port defaulting to `default_port`.
 ///
 /// # Errors

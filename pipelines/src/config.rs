@@ -1528,73 +1528,55 @@ impl InterceptFile {
     }
 }
 
-impl ConfigFile for TcpcopyFile {
-    fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let file: TcpcopyFile = if text.trim().is_empty() {
-            TcpcopyFile::default()
-        } else {
-            serde_norway::from_str(text)?
-        };
-        file.check()?;
-        Ok(file)
-    }
+/// The [`ConfigFile`] implementation, the same for both tools: `$trim` keeps only the port
+/// section in use (the others hold nothing but their flags' defaults).
+macro_rules! config_file {
+    ($file:ident, $ports:ident, $trim:expr) => {
+        impl ConfigFile for $file {
+            fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+                let file: $file = if text.trim().is_empty() {
+                    $file::default()
+                } else {
+                    serde_norway::from_str(text)?
+                };
+                file.check()?;
+                Ok(file)
+            }
 
-    fn settings(&self) -> Vec<Setting> {
-        let mut out = Vec::new();
-        TcpcopyFile::settings(self, "", &mut out);
-        out
-    }
+            fn settings(&self) -> Vec<Setting> {
+                let mut out = Vec::new();
+                $file::settings(self, "", &mut out);
+                out
+            }
 
-    fn from_matches(matches: &ArgMatches) -> Self {
-        let mut file = TcpcopyFile::from_matches(matches);
-        if let Some(ports) = &mut file.ports {
-            // Only the port in use: the others hold nothing but their flags' defaults.
-            ports.afpacket = ports.afpacket.take().filter(|a| a.interface.is_some());
-            ports.dpdk = ports.dpdk.take().filter(|d| d.rx.is_some());
-            ports.pcap = ports.pcap.take().filter(|p| p.file.is_some());
+            fn from_matches(matches: &ArgMatches) -> Self {
+                let mut file = $file::from_matches(matches);
+                if let Some(ports) = &mut file.ports {
+                    let trim: fn(&mut $ports) = $trim;
+                    trim(ports);
+                }
+                file
+            }
+
+            fn flag_ids() -> Vec<&'static str> {
+                let mut out = Vec::new();
+                $file::ids(&mut out);
+                out
+            }
         }
-        file
-    }
-
-    fn flag_ids() -> Vec<&'static str> {
-        let mut out = Vec::new();
-        TcpcopyFile::ids(&mut out);
-        out
-    }
+    };
 }
 
-impl ConfigFile for InterceptFile {
-    fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let file: InterceptFile = if text.trim().is_empty() {
-            InterceptFile::default()
-        } else {
-            serde_norway::from_str(text)?
-        };
-        file.check()?;
-        Ok(file)
-    }
+config_file!(TcpcopyFile, TcpcopyPorts, |ports| {
+    ports.afpacket = ports.afpacket.take().filter(|a| a.interface.is_some());
+    ports.dpdk = ports.dpdk.take().filter(|d| d.rx.is_some());
+    ports.pcap = ports.pcap.take().filter(|p| p.file.is_some());
+});
 
-    fn settings(&self) -> Vec<Setting> {
-        let mut out = Vec::new();
-        InterceptFile::settings(self, "", &mut out);
-        out
-    }
-
-    fn from_matches(matches: &ArgMatches) -> Self {
-        let mut file = InterceptFile::from_matches(matches);
-        if let Some(ports) = &mut file.ports {
-            ports.afpacket = ports.afpacket.take().filter(|a| a.interface.is_some());
-            ports.dpdk = ports.dpdk.take().filter(|d| d.rx.is_some());
-        }
-        file
-    }
-
-    fn flag_ids() -> Vec<&'static str> {
-        let mut out = Vec::new();
-        InterceptFile::ids(&mut out);
-        out
-    }
-}
+config_file!(InterceptFile, InterceptPorts, |ports| {
+    ports.afpacket = ports.afpacket.take().filter(|a| a.interface.is_some());
+    ports.dpdk = ports.dpdk.take().filter(|d| d.rx.is_some());
+});
 
 #[cfg(test)]
 mod tests {

@@ -19,7 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -229,41 +229,12 @@ fn main() {
         bad_lines: AtomicU64::new(0),
         require_auth: args.require_auth.clone(),
     });
-    let active = Arc::new(AtomicUsize::new(0));
-    let max = args.max_threads.max(1);
-    loop {
-        while active.load(Ordering::Acquire) >= max {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let (stream, peer) = match listener.accept() {
-            Ok(x) => x,
-            Err(e) => {
-                eprintln!("greetserver: accept: {e}");
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-        };
-        active.fetch_add(1, Ordering::AcqRel);
-        let (server, conn_active) = (Arc::clone(&server), Arc::clone(&active));
-        let spawned = std::thread::Builder::new()
-            .name(format!("conn-{peer}"))
-            .stack_size(256 * 1024)
-            .spawn(move || {
-                if let Err(e) = serve(&server, stream, peer) {
-                    if !matches!(
-                        e.kind(),
-                        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-                    ) {
-                        eprintln!("greetserver: {peer}: {e}");
-                    }
-                }
-                conn_active.fetch_sub(1, Ordering::AcqRel);
-            });
-        if let Err(e) = spawned {
-            eprintln!("greetserver: cannot start a thread: {e}");
-            active.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
+    lab::serve_connections(
+        listener,
+        "greetserver",
+        args.max_threads,
+        move |stream, peer| serve(&server, stream, peer),
+    )
 }
 
 #[cfg(test)]

@@ -17,7 +17,6 @@ use std::io::{self, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -255,39 +254,10 @@ fn main() {
         read_pause: Duration::from_millis(args.read_pause_ms),
         response_delay: Duration::from_millis(args.response_delay_ms),
     });
-    let active = Arc::new(AtomicUsize::new(0));
-    let max = args.max_threads.max(1);
-    loop {
-        while active.load(Ordering::Acquire) >= max {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let (stream, peer) = match listener.accept() {
-            Ok(x) => x,
-            Err(e) => {
-                eprintln!("labserver: accept: {e}");
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-        };
-        active.fetch_add(1, Ordering::AcqRel);
-        let (server, conn_active) = (Arc::clone(&server), Arc::clone(&active));
-        let spawned = std::thread::Builder::new()
-            .name(format!("conn-{peer}"))
-            .stack_size(256 * 1024)
-            .spawn(move || {
-                if let Err(e) = serve(&server, stream, peer) {
-                    if !matches!(
-                        e.kind(),
-                        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-                    ) {
-                        eprintln!("labserver: {peer}: {e}");
-                    }
-                }
-                conn_active.fetch_sub(1, Ordering::AcqRel);
-            });
-        if let Err(e) = spawned {
-            eprintln!("labserver: cannot start a thread: {e}");
-            active.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
+    lab::serve_connections(
+        listener,
+        "labserver",
+        args.max_threads,
+        move |stream, peer| serve(&server, stream, peer),
+    )
 }

@@ -162,16 +162,13 @@ fn run() -> anyhow::Result<()> {
         print!("{}", pipelines::config::check_report(&effective, &pipeline));
         return Ok(());
     }
-    if args.daemon {
-        cli::daemonize()?;
-    }
-    cli::init_logging(args.log.as_deref(), &args.log_level)?;
-    let _pid = args
-        .pid_file
-        .as_deref()
-        .map(cli::PidFile::create)
-        .transpose()?;
-    let stop = cli::stop_flag(!args.daemon)?;
+    let live = cli::go_live(
+        args.daemon,
+        args.log.as_deref(),
+        &args.log_level,
+        args.pid_file.as_deref(),
+    )?;
+    let stop = live.stop.clone();
     tracing::info!(
         "intercept {} starting: -i {} -F \"{}\" listening on {} ({}{}), {} capture thread(s){}",
         env!("CARGO_PKG_VERSION"),

@@ -369,16 +369,13 @@ fn run() -> anyhow::Result<()> {
         print!("{}", pipelines::config::check_report(effective, &pipeline));
         return Ok(());
     }
-    if args.daemon {
-        cli::daemonize()?;
-    }
-    cli::init_logging(args.log.as_deref(), &args.log_level)?;
-    let _pid = args
-        .pid_file
-        .as_deref()
-        .map(cli::PidFile::create)
-        .transpose()?;
-    let stop = cli::stop_flag(!args.daemon)?;
+    let live = cli::go_live(
+        args.daemon,
+        args.log.as_deref(),
+        &args.log_level,
+        args.pid_file.as_deref(),
+    )?;
+    let stop = live.stop.clone();
     let _ = (args.only_syn, args.lonely);
     tracing::info!(
         "tcpcopy {} starting: -x {} -i {} filter \"{}\" intercepts {:?}",
@@ -493,16 +490,13 @@ fn run_udp(
         print!("{}", pipelines::config::check_report(effective, &pipeline));
         return Ok(());
     }
-    if args.daemon {
-        cli::daemonize()?;
-    }
-    cli::init_logging(args.log.as_deref(), &args.log_level)?;
-    let _pid = args
-        .pid_file
-        .as_deref()
-        .map(cli::PidFile::create)
-        .transpose()?;
-    let stop = cli::stop_flag(!args.daemon)?;
+    let live = cli::go_live(
+        args.daemon,
+        args.log.as_deref(),
+        &args.log_level,
+        args.pid_file.as_deref(),
+    )?;
+    let stop = live.stop.clone();
     let (interface, filter) = (config.interface.clone(), config.filter.clone());
     let udp = Udpcopy::start(config).context("tcpcopy --udp cannot start")?;
     tracing::info!(
