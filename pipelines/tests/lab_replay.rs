@@ -109,7 +109,8 @@ fn replicate_2000(extra: &[&str]) -> String {
             "/k/",
         ],
     );
-    assert_eq!(online.count(), 2000);
+    // nginx logs a request after answering it: wait for the last lines.
+    assert_eq!(online.wait_count(2000, Duration::from_secs(30)), 2000);
     let seen = target.settle(Duration::from_secs(2), Duration::from_secs(60));
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for path in target.paths() {

@@ -299,7 +299,8 @@ fn greet_case(target_greet: usize) -> String {
     let failed: Vec<&String> = ports.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(failed.is_empty(), "online sessions failed: {failed:?}");
     let total = GREET_CONNECTIONS * GREET_REQUESTS;
-    assert_eq!(online.count(), total);
+    // nginx logs a request after answering it: wait for the last lines.
+    assert_eq!(online.wait_count(total, Duration::from_secs(30)), total);
     lab::wait_count(|| target.count(), total, Duration::from_secs(60));
     let seen = lab::settle(
         || target.count(),
@@ -407,7 +408,8 @@ fn pipelined_requests_all_arrive() {
         );
     }
     let total: usize = runs.iter().map(|r| r.1).sum();
-    assert_eq!(online.count(), total);
+    // nginx logs a request after answering it: wait for the last lines.
+    assert_eq!(online.wait_count(total, Duration::from_secs(30)), total);
     target.wait_count(total, Duration::from_secs(60));
     let seen = target.settle(Duration::from_secs(2), Duration::from_secs(30));
     let logs = replay.logs();
@@ -736,7 +738,8 @@ fn capture_holes_are_filled_by_client_retransmissions() {
             "/hole/",
         ],
     );
-    assert_eq!(online.count(), 30);
+    // nginx logs a request after answering it: wait for the last lines.
+    assert_eq!(online.wait_count(30, Duration::from_secs(30)), 30);
     let seen = target.wait_count(30, Duration::from_secs(30));
     let settled = target.settle(Duration::from_secs(1), Duration::from_secs(10));
     let logs = replay.logs();
@@ -821,7 +824,8 @@ fn lossy_load(lab: &Lab) -> String {
 fn replay_lossy_load(lab: &Lab, online: &lab::Nginx, target: &lab::Labserver) -> String {
     let mut replay = Replay::start(lab, "80-10.77.0.30:8080", &[]);
     let sha = lossy_load(lab);
-    assert_eq!(online.count(), 640);
+    // nginx logs a request after answering it: wait for the last lines.
+    assert_eq!(online.wait_count(640, Duration::from_secs(30)), 640);
     target.wait_count(640, Duration::from_secs(120));
     let seen = target.settle(Duration::from_secs(3), Duration::from_secs(60));
     let logs = replay.logs();
