@@ -12,7 +12,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 mod common;
-use common::{start_intercept, TCPCOPY};
+use common::{counter, start_intercept, TCPCOPY};
 
 /// A recorded capture and what went into it.
 struct Capture {
@@ -252,6 +252,37 @@ fn replays_a_recorded_capture_every_path_once() {
     assert_eq!(field(summary, "rounds"), 1.0, "{summary}");
     assert_eq!(field(summary, "stopped-early"), 0.0, "{summary}");
     assert!(run.log.contains("final:"), "{}", run.logs());
+}
+
+/// Issue 4's dispatcher: one capture file, two workers. Every path arrives once, both workers
+/// replay a share of the sessions, and every reply reaches the worker that owns its session.
+#[test]
+fn two_workers_share_a_capture_file() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::up().expect("lab up");
+    let capture = record(&lab, 500, 250, "/two/");
+    let target = lab.nginx(Host::Target, 8080).expect("target nginx");
+    let run = replay(&lab, &capture.file, &["--workers", "2", "-a", "4"]);
+    assert!(
+        run.status.success(),
+        "tcpcopy: {}\n{}",
+        run.status,
+        run.logs()
+    );
+    let counts = target_counts(&target, capture.paths.len());
+    assert_each(&counts, &capture.paths, 1, &run.logs());
+    let workers: Vec<&str> = run
+        .log
+        .lines()
+        .filter(|l| l.contains("worker ") && l.contains("replies-dispatched"))
+        .collect();
+    assert!(workers.len() >= 2, "no per-worker lines\n{}", run.logs());
+    for line in workers.iter().rev().take(2) {
+        assert!(counter(line, "sessions-created") > 50, "{line}");
+        assert_eq!(counter(line, "replies-unmatched"), 0, "{line}");
+    }
 }
 
 /// `-a 10` replays about ten times faster than captured (the round's span is printed; asserted

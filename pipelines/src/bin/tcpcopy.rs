@@ -528,12 +528,6 @@ fn offline_config(
     let Some(path) = &args.pcap else {
         return Ok(None);
     };
-    if args.workers != 1 {
-        anyhow::bail!(
-            "--pcap replays on one worker: drop --workers {} (or give --workers 1)",
-            args.workers
-        );
-    }
     if !(args.offline_tail_s.is_finite() && (0.0..=86_400.0).contains(&args.offline_tail_s)) {
         anyhow::bail!(
             "bad --offline-tail-s value {}: seconds from 0 to 86400, e.g. --offline-tail-s 5",

@@ -14,6 +14,7 @@
 //!   (unless `busy_poll`); the control thread wakes a parked worker when it queues replies.
 
 pub mod copies;
+pub mod dispatch;
 pub mod dump;
 pub mod ingress;
 pub mod latency;
@@ -95,7 +96,8 @@ pub struct TcpcopyConfig {
     pub transport: engine::control::Transport,
     /// Control channel shared secret (authentication on when set).
     pub auth: Option<engine::control::Secret>,
-    /// Replay this capture file (`--pcap`) instead of capturing on `interface`; one worker.
+    /// Replay this capture file (`--pcap`) instead of capturing on `interface` (several workers:
+    /// a dispatcher thread splits the file among them by client port).
     pub offline: Option<offline::OfflineConfig>,
     /// Copies (`-n`, `-f`), sampling (`-r`, `-g`), `-H` and `-M`.
     pub ingress: ingress::IngressOptions,

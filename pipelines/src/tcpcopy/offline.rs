@@ -927,8 +927,8 @@ fn parse_pcapng(
 /// `output_interface` when given).
 ///
 /// # Errors
-/// More than one worker (the replay is one ordered stream), the file or filter (named), or
-/// the raw socket.
+/// The file or filter (named), the raw sockets, or the dispatcher thread (several workers:
+/// see [`super::dispatch`]).
 pub fn open_ports(
     config: &OfflineConfig,
     output_interface: Option<&str>,
@@ -936,11 +936,6 @@ pub fn open_ports(
 ) -> anyhow::Result<crate::ports::OpenedPorts> {
     use anyhow::Context as _;
     use engine::port::rawsock::{RawIpConfig, RawIpTx};
-    if workers != 1 {
-        anyhow::bail!(
-            "--pcap replays on one worker: drop --workers {workers} (or give --workers 1)"
-        );
-    }
     let capture = OfflineRx::open(config)?;
     tracing::info!(
         "offline: replaying {} ({:.1} MB, {}) at -a {} with -I {} ms, {} round(s), tail {} s",
@@ -952,15 +947,31 @@ pub fn open_ports(
         config.rounds,
         config.tail.as_secs_f64(),
     );
-    let transmit = RawIpTx::open(&RawIpConfig {
-        bind_device: output_interface.map(str::to_owned),
-        ..RawIpConfig::default()
-    })
-    .context("cannot open the raw IP socket that sends to the target")?;
+    let mut tx: Vec<Box<dyn engine::port::TxPort>> = Vec::with_capacity(workers.max(1));
+    for _ in 0..workers.max(1) {
+        let transmit = RawIpTx::open(&RawIpConfig {
+            bind_device: output_interface.map(str::to_owned),
+            ..RawIpConfig::default()
+        })
+        .context("cannot open the raw IP socket that sends to the target")?;
+        tx.push(Box::new(transmit));
+    }
+    if workers <= 1 {
+        return Ok(crate::ports::OpenedPorts {
+            rx: vec![Box::new(capture)],
+            tx,
+            keep: None,
+            register_thread: None,
+        });
+    }
+    // One ordered stream for several workers: a dispatcher hands each frame to the worker
+    // that owns its session (by client port, as replies are handed out).
+    let (rx, dispatcher) = super::dispatch::split(Box::new(capture), workers)
+        .context("cannot start the capture file's dispatcher thread")?;
     Ok(crate::ports::OpenedPorts {
-        rx: vec![Box::new(capture)],
-        tx: vec![Box::new(transmit)],
-        keep: None,
+        rx,
+        tx,
+        keep: Some(Box::new(dispatcher)),
         register_thread: None,
     })
 }
