@@ -35,7 +35,8 @@ use super::{
     SessionStats, Tick, Verdict, FAKE_SYN, RTO_ARMED,
 };
 use crate::flow::FlowKey;
-use crate::wire::TcpFlags;
+use crate::wire::tcp::resegment;
+use crate::wire::{Ipv4Packet, TcpFlags, TcpPacket};
 use std::fmt;
 use std::time::Duration;
 
@@ -146,20 +147,16 @@ impl fmt::Debug for SessionTable {
     }
 }
 
+/// The IP + TCP header length and the payload length of an IPv4/TCP packet.
+fn tcp_parts(packet: &[u8]) -> Option<(usize, usize)> {
+    let ip = Ipv4Packet::new_checked(packet).ok()?;
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    Some((ip.header_len() + tcp.header_len(), tcp.payload_len()))
+}
+
 /// The payload of an IPv4/TCP packet (empty when it is not one).
 fn payload_of(packet: &[u8]) -> &[u8] {
-    let Some(&first) = packet.first() else {
-        return &[];
-    };
-    let ihl = usize::from(first & 0x0f) * 4;
-    let total = packet
-        .get(2..4)
-        .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
-    let Some(&doff) = packet.get(ihl + 12) else {
-        return &[];
-    };
-    let start = ihl + usize::from(doff >> 4) * 4;
-    packet.get(start..total.min(packet.len())).unwrap_or(&[])
+    tcp_parts(packet).map_or(&[], |(headers, len)| &packet[headers..headers + len])
 }
 
 /// Builds into `buf` a copy of `packet` (IPv4/TCP, headers and options kept) whose payload is
@@ -170,26 +167,17 @@ fn with_payload(
     payload: &[u8],
     buf: &mut Vec<u8>,
 ) -> Option<ClientSegment> {
-    use crate::wire::{Ipv4Packet, TcpPacket};
-    let ip = Ipv4Packet::new_checked(packet).ok()?;
-    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
-    let headers = ip.header_len() + tcp.header_len();
-    let total = u16::try_from(headers + payload.len()).ok()?;
-    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let (headers, _) = tcp_parts(packet)?;
+    if headers + payload.len() > usize::from(u16::MAX) {
+        return None;
+    }
+    let ident = Ipv4Packet::new_unchecked(packet).ident();
     let seq = seg.seq.add((payload.len() as u32).wrapping_neg());
-    buf.clear();
-    buf.extend_from_slice(&packet[..headers]);
-    buf.extend_from_slice(payload);
-    let mut ip = Ipv4Packet::new_unchecked(&mut buf[..]);
-    ip.set_total_len(total);
-    ip.fill_checksum();
-    let mut tcp = TcpPacket::new_unchecked(ip.payload_mut());
-    tcp.set_seq_number(seq);
-    tcp.set_flags(TcpFlags::ACK | TcpFlags::PSH);
-    tcp.fill_checksum(src, dst);
+    let flags = TcpFlags::ACK | TcpFlags::PSH;
+    resegment(&packet[..headers], seq, ident, flags, payload, buf);
     Some(ClientSegment {
         seq,
-        flags: TcpFlags::ACK | TcpFlags::PSH,
+        flags,
         payload_len: payload.len() as u32,
         ..*seg
     })
@@ -416,7 +404,9 @@ impl SessionTable {
             return;
         }
         let Some((pos, idx)) = self.find(hash, &key) else {
-            self.start_mid_stream(hash, key, packet, seg, 0, now, out);
+            if self.start_mid_stream(hash, key, packet, seg, 0, now, out) {
+                self.stats.mid_stream_created += 1;
+            }
             return;
         };
         let session = &self.sessions[idx as usize];
@@ -433,7 +423,6 @@ impl SessionTable {
             self.remove_entry(idx, Some(pos), out);
             if self.start_mid_stream(hash, key, packet, seg, restarts, now, out) {
                 self.stats.reconstructed += 1;
-                self.stats.mid_stream_created -= 1;
             }
             return;
         }
@@ -504,7 +493,6 @@ impl SessionTable {
             self.stats.client_no_session += 1;
             return false;
         };
-        self.stats.mid_stream_created += 1;
         let session = &mut self.sessions[idx as usize];
         session.flags |= FAKE_SYN;
         session.set_restarts(restarts);

@@ -890,6 +890,37 @@ impl TcpRepr {
     }
 }
 
+/// Writes into `buf` (replacing its contents) a copy of the IPv4/TCP packet whose headers
+/// are `headers` (IP and TCP, options included, e.g. `&packet[..ip_len + tcp_len]`) carrying
+/// `payload`, with sequence number `seq`, IP identification `ident` and TCP flags `flags`;
+/// the lengths and both checksums are recomputed. For splitting a segment into pieces and
+/// for putting other bytes in front of one.
+///
+/// # Panics
+/// If `headers` is not a valid IPv4/TCP header pair or the packet would exceed 65535 bytes.
+pub fn resegment(
+    headers: &[u8],
+    seq: SeqNum,
+    ident: u16,
+    flags: TcpFlags,
+    payload: &[u8],
+    buf: &mut Vec<u8>,
+) {
+    let total = u16::try_from(headers.len() + payload.len()).expect("IPv4 packet over 65535 bytes");
+    buf.clear();
+    buf.extend_from_slice(headers);
+    buf.extend_from_slice(payload);
+    let mut ip = super::Ipv4Packet::new_unchecked(&mut buf[..]);
+    ip.set_total_len(total);
+    ip.set_ident(ident);
+    ip.fill_checksum();
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let mut tcp = TcpPacket::new_unchecked(ip.payload_mut());
+    tcp.set_seq_number(seq);
+    tcp.set_flags(flags);
+    tcp.fill_checksum(src, dst);
+}
+
 /// Appends a complete IPv4 + TCP packet to `buf`: IPv4 header of 20 bytes (DSCP 0, DF set,
 /// `ident`, `ttl`), the TCP header from `repr`, then `payload`; both checksums filled.
 /// Does not allocate when `buf` has the capacity.

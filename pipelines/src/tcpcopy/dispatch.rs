@@ -12,6 +12,9 @@
 
 use engine::flow::port_shard;
 use engine::port::{Frame, PortStats, RxPort};
+use engine::wire::ethernet::ETHERTYPE_IPV4;
+use engine::wire::ipv4::{PROTO_TCP, PROTO_UDP};
+use engine::wire::{EthernetFrame, Ipv4Packet, TcpPacket, UdpPacket};
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -120,21 +123,20 @@ impl Dispatcher {
 
 /// The client port of an Ethernet (optionally VLAN-tagged) IPv4/TCP or UDP frame.
 fn client_port(frame: &[u8]) -> Option<u16> {
-    let mut at = 12;
-    let mut ethertype = u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]);
-    while ethertype == 0x8100 || ethertype == 0x88a8 {
-        at += 4;
-        ethertype = u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]);
-    }
-    if ethertype != 0x0800 {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != ETHERTYPE_IPV4 {
         return None;
     }
-    let ip = frame.get(at + 2..)?;
-    let ihl = usize::from(ip.first()? & 0x0f) * 4;
-    if !matches!(ip.get(9)?, 6 | 17) {
-        return None;
+    let ip = Ipv4Packet::new_checked(&frame[eth.header_len()..]).ok()?;
+    match ip.protocol() {
+        PROTO_TCP => TcpPacket::new_checked(ip.payload())
+            .ok()
+            .map(|t| t.src_port()),
+        PROTO_UDP => UdpPacket::new_checked(ip.payload())
+            .ok()
+            .map(|u| u.src_port()),
+        _ => None,
     }
-    Some(u16::from_be_bytes([*ip.get(ihl)?, *ip.get(ihl + 1)?]))
 }
 
 /// Splits `source` among `workers` ports (see the module docs).
@@ -235,11 +237,15 @@ mod tests {
     use super::*;
 
     fn frame(src_port: u16) -> Vec<u8> {
-        let mut f = vec![0u8; 14 + 20 + 20];
-        f[12] = 0x08;
-        f[14] = 0x45;
-        f[14 + 9] = 6;
-        f[34..36].copy_from_slice(&src_port.to_be_bytes());
+        use engine::wire::tcp::{emit_ipv4_tcp, TcpRepr};
+        let mut f = vec![0x02, 0, 0, 0, 0, 0x14, 0x02, 0, 0, 0, 0, 0x0a, 0x08, 0x00];
+        let repr = TcpRepr {
+            src_port,
+            dst_port: 80,
+            ..TcpRepr::default()
+        };
+        let (src, dst) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into());
+        emit_ipv4_tcp(&mut f, src, dst, 1, 64, &repr, b"");
         f
     }
 

@@ -8,6 +8,7 @@ use engine::flow::FlowKey;
 use engine::session::ClientSegment;
 use engine::wire::ethernet::ETHERTYPE_IPV4;
 use engine::wire::ipv4::PROTO_TCP;
+use engine::wire::tcp::resegment;
 use engine::wire::{EthernetFrame, Ipv4Packet, SeqNum, TcpFlags, TcpPacket, WireError};
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -480,27 +481,25 @@ pub fn split_segment(
         piece(seq, payload.len(), true, packet);
         return 1;
     }
-    let (src, dst, ident, flags) = (ip.src_addr(), ip.dst_addr(), ip.ident(), tcp.flags());
+    let (ident, flags) = (ip.ident(), tcp.flags());
     let mut buf = Vec::with_capacity(mtu);
     let mut count = 0;
     for (i, chunk) in payload.chunks(room).enumerate() {
         let last = (i + 1) * room >= payload.len();
-        buf.clear();
-        buf.extend_from_slice(&packet[..headers]);
-        buf.extend_from_slice(chunk);
         let piece_seq = seq.add((i * room) as u32);
-        {
-            let mut ip = Ipv4Packet::new_unchecked(&mut buf[..]);
-            ip.set_total_len((headers + chunk.len()) as u16);
-            ip.set_ident(ident.wrapping_add(i as u16));
-            ip.fill_checksum();
-            let mut tcp = TcpPacket::new_unchecked(ip.payload_mut());
-            tcp.set_seq_number(piece_seq);
-            if !last {
-                tcp.set_flags(TcpFlags(flags.0 & !(TcpFlags::FIN.0 | TcpFlags::PSH.0)));
-            }
-            tcp.fill_checksum(src, dst);
-        }
+        let piece_flags = if last {
+            flags
+        } else {
+            TcpFlags(flags.0 & !(TcpFlags::FIN.0 | TcpFlags::PSH.0))
+        };
+        resegment(
+            &packet[..headers],
+            piece_seq,
+            ident.wrapping_add(i as u16),
+            piece_flags,
+            chunk,
+            &mut buf,
+        );
         piece(piece_seq, chunk.len(), last, &buf);
         count += 1;
     }
