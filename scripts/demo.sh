@@ -27,7 +27,11 @@ say() { echo "demo: $*"; }
 die() { echo "demo: $*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces)"
-command -v nginx >/dev/null || die "nginx not found; run scripts/setup.sh"
+# A fresh machine: install what the lab needs (idempotent; quiet when everything is there).
+bash "$ROOT/scripts/setup.sh" >"${TMPDIR:-/tmp}/tcpcopy-demo-setup.log" 2>&1 \
+    || die "scripts/setup.sh failed: $(tail -5 "${TMPDIR:-/tmp}/tcpcopy-demo-setup.log")"
+command -v nginx >/dev/null || die "nginx still not found after scripts/setup.sh"
+command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (see scripts/setup.sh's output)"
 
 cleanup() {
     local rc=$?
