@@ -107,15 +107,16 @@ say "bringing the lab up (prefix $PREFIX, offloads ${LAB_OFFLOADS:-off})"
 nginx_start online $ONLINE 80
 nginx_start target $TARGET 8080
 
-say "intercept on the assistant: capture the target's replies on eth0"
-ip netns exec ${PREFIX}assistant "$BIN/intercept" -i eth0 -F "tcp and src host $TARGET and src port 8080" \
-    --stats-interval 5 >"$RUN/intercept.log" 2>&1 &
+# The C tools' own usage lines, unchanged (plus a log file each for the report).
+say "intercept on the assistant: intercept -i eth0 -F 'tcp and src port 8080'"
+ip netns exec ${PREFIX}assistant "$BIN/intercept" -i eth0 -F "tcp and src port 8080" \
+    -l "$RUN/intercept.log" &
 PIDS+=($!)
 wait_port assistant $ASSISTANT 36524 || die "intercept did not start: $(cat "$RUN/intercept.log")"
 
-say "tcpcopy on the online host: -x 80-$TARGET:8080 -s $ASSISTANT"
-ip netns exec ${PREFIX}online "$BIN/tcpcopy" -i eth0 -x 80-$TARGET:8080 -s $ASSISTANT \
-    --stats-interval 5 >"$RUN/tcpcopy.log" 2>&1 &
+say "tcpcopy on the online host: tcpcopy -x 80-$TARGET:8080 -s $ASSISTANT (captures on every interface)"
+ip netns exec ${PREFIX}online "$BIN/tcpcopy" -x 80-$TARGET:8080 -s $ASSISTANT \
+    -l "$RUN/tcpcopy.log" &
 PIDS+=($!)
 for _ in $(seq 100); do
     grep -q "connected to intercept" "$RUN/tcpcopy.log" 2>/dev/null && break

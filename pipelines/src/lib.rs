@@ -2,6 +2,7 @@
 //! lines share. The binaries in `src/bin/` only parse flags into these configurations.
 
 pub mod cli;
+pub mod compat;
 pub mod config;
 pub mod doctor;
 pub mod intercept;

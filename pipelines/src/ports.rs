@@ -48,6 +48,27 @@ impl std::fmt::Debug for OpenedPorts {
     }
 }
 
+/// What a `-i` value captures on, as the C tools read it: nothing, `any` or an empty value
+/// means every interface; `a,b` each listed interface; one name that interface alone
+/// (Ethernet frames, as before). Returns the capture scope and the interface for
+/// [`engine::port::afpacket::AfPacketConfig::interface`].
+pub fn capture_scope(interface: &str) -> (String, engine::port::afpacket::Scope) {
+    use engine::port::afpacket::Scope;
+    let names: Vec<String> = interface
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if names.is_empty() || names.iter().any(|n| n == "any") {
+        return ("any".to_owned(), Scope::AllInterfaces);
+    }
+    if names.len() == 1 {
+        return (names[0].clone(), Scope::Interface);
+    }
+    (names.join(","), Scope::Interfaces(names))
+}
+
 /// Parses `--next-hop`.
 ///
 /// # Errors
@@ -249,6 +270,26 @@ pub fn open_dpdk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capture_scope_reads_the_c_forms() {
+        use engine::port::afpacket::Scope;
+        for all in ["", "any", " ", "eth0,any", ","] {
+            assert_eq!(
+                capture_scope(all),
+                ("any".into(), Scope::AllInterfaces),
+                "{all:?}"
+            );
+        }
+        assert_eq!(capture_scope("eth0"), ("eth0".into(), Scope::Interface));
+        assert_eq!(
+            capture_scope("eth0, br0,"),
+            (
+                "eth0,br0".into(),
+                Scope::Interfaces(vec!["eth0".into(), "br0".into()])
+            )
+        );
+    }
 
     #[test]
     fn next_hop_forms() {

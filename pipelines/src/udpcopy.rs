@@ -957,8 +957,10 @@ impl Udpcopy {
     /// # Errors
     /// A socket that cannot be opened (named, with the cause), or a thread that cannot start.
     pub fn start(config: UdpcopyConfig) -> anyhow::Result<Udpcopy> {
+        let (interface, scope) = crate::ports::capture_scope(&config.interface);
         let capture = AfPacketRx::open(&AfPacketConfig {
-            interface: config.interface.clone(),
+            interface,
+            scope,
             filter: Some(config.filter.clone()),
             ..AfPacketConfig::default()
         })
@@ -1104,27 +1106,22 @@ impl Runner {
         } = self;
         let mut tx_error: Option<std::io::Error> = None;
         let mut oversize = 0u64;
+        let link = capture.link_type();
         let received = capture
             .rx_burst(BURST, &mut |frame| {
-                replay.process(
-                    frame.data,
-                    frame.wire_len,
-                    LinkType::Ethernet,
-                    now,
-                    &mut |packet| {
-                        if batch.push(packet) {
-                            return;
+                replay.process(frame.data, frame.wire_len, link, now, &mut |packet| {
+                    if batch.push(packet) {
+                        return;
+                    }
+                    if batch.is_full() {
+                        if let Err(e) = transmit.tx_burst(batch) {
+                            tx_error.get_or_insert(e);
                         }
-                        if batch.is_full() {
-                            if let Err(e) = transmit.tx_burst(batch) {
-                                tx_error.get_or_insert(e);
-                            }
-                        }
-                        if !batch.push(packet) {
-                            oversize += 1;
-                        }
-                    },
-                );
+                    }
+                    if !batch.push(packet) {
+                        oversize += 1;
+                    }
+                });
             })
             .context("capture failed")?;
         self.replay.stats.oversize += oversize;

@@ -1,4 +1,7 @@
-//! Capture on a Linux interface through an AF_PACKET socket with a TPACKET_V3 receive ring.
+//! Capture on Linux interfaces through an AF_PACKET socket with a TPACKET_V3 receive ring.
+//!
+//! A capture covers one interface (Ethernet frames), every interface, or a list of them
+//! ([`Scope`]; IPv4 packets from the network header on, whatever each interface's link layer).
 //!
 //! The kernel writes frames into a ring of fixed-size blocks shared with us by `mmap`; a block
 //! belongs to user space once the kernel marks it `TP_STATUS_USER` (full, or retired after
@@ -25,7 +28,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use super::{Frame, PortStats, RxPort};
+use super::dedup::Dedup;
+use super::{Frame, LinkType, PortStats, RxPort};
 
 /// `TPACKET_V3` from `<linux/if_packet.h>` (`enum tpacket_versions`: V1 = 0, V2 = 1, V3 = 2).
 const TPACKET_V3: libc::c_int = 2;
@@ -167,11 +171,35 @@ pub fn port_shard_program(workers: u16) -> Vec<libc::sock_filter> {
     ]
 }
 
+/// Which interfaces a capture covers.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// [`AfPacketConfig::interface`] alone, frames from the link-layer header on (Ethernet).
+    #[default]
+    Interface,
+    /// Every interface, as the C tcpcopy's raw socket sees them: the socket is bound to no
+    /// interface and to the IPv4 protocol, so the kernel hands it each IPv4 packet once, where
+    /// the IP layer takes it (after bridge, VLAN and bond processing: a frame that crossed a
+    /// bridge port and the bridge is seen once, on the bridge), never a packet this host sends.
+    /// Frames start at the IPv4 header ([`LinkType::RawIp`]).
+    AllInterfaces,
+    /// These interfaces (at most [`MAX_INTERFACES`]): each one's IPv4 packets, as a capture on
+    /// it alone sees them (bridge ports included), from the IPv4 header on. A packet seen on two
+    /// listed interfaces (a bridge and its port) within a few milliseconds is handed over once
+    /// ([`super::dedup`]; counted in [`PortStats::rx_duplicates`]).
+    Interfaces(Vec<String>),
+}
+
+/// Most interfaces a [`Scope::Interfaces`] list may name (as the C tools' `-i` list).
+pub const MAX_INTERFACES: usize = 32;
+
 /// Settings of an [`AfPacketRx`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AfPacketConfig {
-    /// The interface to capture on, e.g. `eth0`.
+    /// The interface to capture on, e.g. `eth0` (with [`Scope::Interface`]).
     pub interface: String,
+    /// Which interfaces the capture covers (default: `interface` alone).
+    pub scope: Scope,
     /// A pcap filter expression (`tcp and dst port 80`); `None` captures everything.
     pub filter: Option<String>,
     /// Bytes per ring block; a multiple of the page size (default 1 MiB).
@@ -196,6 +224,7 @@ impl Default for AfPacketConfig {
     fn default() -> AfPacketConfig {
         AfPacketConfig {
             interface: String::new(),
+            scope: Scope::Interface,
             filter: None,
             // Blocks retire on a 1 ms timeout, so at moderate rates each block holds little:
             // 1024 blocks of 64 KiB (64 MiB) ride out about a second of a stalled reader.
@@ -222,11 +251,30 @@ impl Default for AfPacketConfig {
 /// # Errors
 /// [`PortError::BadFilter`] with libpcap's message.
 pub fn compile_filter(expression: &str, snaplen: u32) -> Result<Vec<libc::sock_filter>, PortError> {
+    compile_filter_for(expression, snaplen, LinkType::Ethernet)
+}
+
+/// `DLT_RAW` on Linux: packets that start with the IP header (libpcap checks the version).
+const DLT_RAW: i32 = 12;
+
+/// [`compile_filter`] for frames of `link` type.
+///
+/// # Errors
+/// [`PortError::BadFilter`] with libpcap's message (e.g. `ether host` on raw IP frames).
+pub fn compile_filter_for(
+    expression: &str,
+    snaplen: u32,
+    link: LinkType,
+) -> Result<Vec<libc::sock_filter>, PortError> {
     let bad = |message: String| PortError::BadFilter {
         filter: expression.to_owned(),
         message,
     };
-    let dead = pcap::Capture::dead(pcap::Linktype::ETHERNET).map_err(|e| bad(e.to_string()))?;
+    let linktype = match link {
+        LinkType::Ethernet => pcap::Linktype::ETHERNET,
+        LinkType::RawIp => pcap::Linktype(DLT_RAW),
+    };
+    let dead = pcap::Capture::dead(linktype).map_err(|e| bad(e.to_string()))?;
     let program = dead
         .compile(expression, true)
         .map_err(|e| bad(e.to_string()))?;
@@ -258,6 +306,48 @@ pub fn compile_filter(expression: &str, snaplen: u32) -> Result<Vec<libc::sock_f
         return Err(bad("libpcap produced an empty program".to_owned()));
     }
     Ok(out)
+}
+
+/// `program` preceded by a check that the packet is IPv4 and arrived on one of `ifindexes`
+/// (classic BPF ancillary loads of `skb->protocol` and `skb->dev->ifindex`); other packets are
+/// refused before `program` runs.
+fn on_interfaces_only(program: &[libc::sock_filter], ifindexes: &[u32]) -> Vec<libc::sock_filter> {
+    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    let ancillary = |field: libc::c_int| (libc::SKF_AD_OFF + field) as u32;
+    let n = ifindexes.len();
+    let mut out = Vec::with_capacity(program.len() + n + 4);
+    let insn = |code: u16, jt: usize, jf: usize, k: u32| libc::sock_filter {
+        code,
+        jt: jt as u8,
+        jf: jf as u8,
+        k,
+    };
+    out.push(insn(LD_W_ABS, 0, 0, ancillary(libc::SKF_AD_PROTOCOL)));
+    // Not IPv4: jump over the interface load and checks to the refusal.
+    out.push(insn(JEQ_K, 0, n + 1, libc::ETH_P_IP as u32));
+    out.push(insn(LD_W_ABS, 0, 0, ancillary(libc::SKF_AD_IFINDEX)));
+    for (i, &ifindex) in ifindexes.iter().enumerate() {
+        // A match jumps over the remaining checks and the refusal, into `program`.
+        out.push(insn(JEQ_K, n - i, 0, ifindex));
+    }
+    out.push(insn(BPF_RET_K, 0, 0, 0));
+    out.extend_from_slice(program);
+    out
+}
+
+/// The index of interface `name`.
+fn interface_index(name: &str) -> Result<u32, PortError> {
+    let c_name = CString::new(name).map_err(|_| PortError::BadInterfaceName(name.to_owned()))?;
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(PortError::BadInterfaceName(name.to_owned()));
+    }
+    // SAFETY: `c_name` is a valid NUL-terminated string that outlives the call.
+    let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(PortError::InterfaceNotFound(name.to_owned()));
+    }
+    Ok(ifindex)
 }
 
 /// The mmapped ring; unmapped on drop.
@@ -303,6 +393,11 @@ pub struct AfPacketRx {
     dropped: Cell<u64>,
     /// Blocks whose contents did not make sense (never seen; counted instead of trusted).
     bad_blocks: u64,
+    /// How frames start (Ethernet for one interface, raw IPv4 otherwise).
+    link: LinkType,
+    /// Packets seen on two listed interfaces ([`Scope::Interfaces`] only).
+    dedup: Option<Dedup>,
+    duplicates: u64,
 }
 
 // SAFETY: the ring pointer is owned by this value alone (the mapping is private to the socket
@@ -402,8 +497,12 @@ impl AfPacketRx {
         }
 
         // Validate what needs no privilege first, so these errors come out even for non-root.
-        let program = match &config.filter {
-            Some(expression) => compile_filter(expression, config.snaplen)?,
+        let link = match config.scope {
+            Scope::Interface => LinkType::Ethernet,
+            Scope::AllInterfaces | Scope::Interfaces(_) => LinkType::RawIp,
+        };
+        let mut program = match &config.filter {
+            Some(expression) => compile_filter_for(expression, config.snaplen, link)?,
             None => vec![libc::sock_filter {
                 code: BPF_RET_K,
                 jt: 0,
@@ -411,21 +510,38 @@ impl AfPacketRx {
                 k: config.snaplen,
             }],
         };
-        let name = CString::new(config.interface.as_str())
-            .map_err(|_| PortError::BadInterfaceName(config.interface.clone()))?;
-        if config.interface.is_empty() || config.interface.len() >= libc::IFNAMSIZ {
-            return Err(PortError::BadInterfaceName(config.interface.clone()));
-        }
-        // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if ifindex == 0 {
-            return Err(PortError::InterfaceNotFound(config.interface.clone()));
-        }
+        // The interface the socket is bound to (0: all), the protocol it takes, its name.
+        let (ifindex, protocol, display) = match &config.scope {
+            Scope::Interface => (
+                interface_index(&config.interface)?,
+                libc::ETH_P_ALL,
+                config.interface.clone(),
+            ),
+            Scope::AllInterfaces => (0, libc::ETH_P_IP, "any".to_owned()),
+            Scope::Interfaces(names) => {
+                if names.is_empty() || names.len() > MAX_INTERFACES {
+                    return Err(PortError::BadConfig(format!(
+                        "{} interfaces listed: give 1..={MAX_INTERFACES}",
+                        names.len()
+                    )));
+                }
+                let ifindexes = names
+                    .iter()
+                    .map(|name| interface_index(name))
+                    .collect::<Result<Vec<u32>, PortError>>()?;
+                program = on_interfaces_only(&program, &ifindexes);
+                (0, libc::ETH_P_ALL, names.join(","))
+            }
+        };
         let ifindex = libc::c_int::try_from(ifindex)
             .map_err(|_| PortError::BadConfig(format!("interface index {ifindex} out of range")))?;
+        let kind = match link {
+            LinkType::Ethernet => libc::SOCK_RAW,
+            LinkType::RawIp => libc::SOCK_DGRAM,
+        };
 
         // SAFETY: plain socket(2) call; the result is checked before use.
-        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        let raw = unsafe { libc::socket(libc::AF_PACKET, kind | libc::SOCK_CLOEXEC, 0) };
         if raw < 0 {
             return Err(PortError::last_os("socket(AF_PACKET)", "AF_PACKET"));
         }
@@ -508,7 +624,7 @@ impl AfPacketRx {
         // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
         let mut addr: libc::sockaddr_ll = unsafe { mem::zeroed() };
         addr.sll_family = libc::AF_PACKET as libc::c_ushort;
-        addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        addr.sll_protocol = (protocol as u16).to_be();
         addr.sll_ifindex = ifindex;
         // SAFETY: `addr` is a valid sockaddr_ll and the length passed is its size.
         let rc = unsafe {
@@ -521,7 +637,7 @@ impl AfPacketRx {
         if rc != 0 {
             let source = io::Error::last_os_error();
             if source.raw_os_error() == Some(libc::ENODEV) {
-                return Err(PortError::InterfaceNotFound(config.interface.clone()));
+                return Err(PortError::InterfaceNotFound(display));
             }
             return Err(PortError::Os {
                 op: "bind(AF_PACKET) to the interface",
@@ -529,7 +645,7 @@ impl AfPacketRx {
             });
         }
 
-        if config.promiscuous {
+        if config.promiscuous && ifindex != 0 {
             let mreq = libc::packet_mreq {
                 mr_ifindex: ifindex,
                 mr_type: libc::PACKET_MR_PROMISC as libc::c_ushort,
@@ -577,15 +693,18 @@ impl AfPacketRx {
             block_count: config.block_count as usize,
             block: 0,
             cursor: None,
-            interface: config.interface.clone(),
+            interface: display,
             rx_packets: 0,
             rx_bytes: 0,
             dropped: Cell::new(0),
             bad_blocks: 0,
+            link,
+            dedup: matches!(config.scope, Scope::Interfaces(_)).then(Dedup::default),
+            duplicates: 0,
         })
     }
 
-    /// The interface this port captures on.
+    /// The interface this port captures on (`any` for every interface, or the list `a,b`).
     pub fn interface(&self) -> &str {
         &self.interface
     }
@@ -702,14 +821,23 @@ impl RxPort for AfPacketRx {
             let data = unsafe {
                 std::slice::from_raw_parts(self.block_ptr(self.block).add(start), snaplen)
             };
-            sink(Frame {
-                data,
-                wire_len,
-                timestamp_ns: u64::from(sec) * 1_000_000_000 + u64::from(nsec),
-            });
-            count += 1;
-            self.rx_packets += 1;
-            self.rx_bytes += snaplen as u64;
+            let timestamp_ns = u64::from(sec) * 1_000_000_000 + u64::from(nsec);
+            let duplicate = self
+                .dedup
+                .as_mut()
+                .is_some_and(|dedup| dedup.is_duplicate(data, timestamp_ns));
+            if duplicate {
+                self.duplicates += 1;
+            } else {
+                sink(Frame {
+                    data,
+                    wire_len,
+                    timestamp_ns,
+                });
+                count += 1;
+                self.rx_packets += 1;
+                self.rx_bytes += snaplen as u64;
+            }
 
             if cursor.remaining <= 1 {
                 self.release_block();
@@ -737,8 +865,13 @@ impl RxPort for AfPacketRx {
             rx_packets: self.rx_packets,
             rx_bytes: self.rx_bytes,
             rx_dropped: self.dropped.get(),
+            rx_duplicates: self.duplicates,
             ..PortStats::default()
         }
+    }
+
+    fn link_type(&self) -> LinkType {
+        self.link
     }
 }
 

@@ -12,6 +12,7 @@
 //! are allocated once and reused.
 
 pub mod afpacket;
+pub mod dedup;
 #[cfg(feature = "dpdk")]
 pub mod dpdk;
 pub mod filter;
@@ -23,6 +24,16 @@ use std::os::fd::RawFd;
 
 /// Largest packet a [`TxBatch`] slot holds (an IPv4 packet up to a jumbo-ish MTU).
 pub const MAX_PACKET: usize = 9216;
+
+/// How the bytes of a port's frames start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LinkType {
+    /// An Ethernet II header, optionally 802.1Q/802.1ad tagged.
+    #[default]
+    Ethernet,
+    /// The IPv4 header (no link-layer header: captures on every interface, raw IP files).
+    RawIp,
+}
 
 /// One received frame, lent for the duration of the `rx_burst` callback.
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +55,9 @@ pub struct PortStats {
     pub rx_bytes: u64,
     /// Frames the kernel or device dropped before we saw them (ring full).
     pub rx_dropped: u64,
+    /// Frames left out because the same frame had just been seen on another captured
+    /// interface (a bridge and its port, a VLAN and its parent; see [`dedup`]).
+    pub rx_duplicates: u64,
     /// Packets sent.
     pub tx_packets: u64,
     /// Bytes sent.
@@ -67,6 +81,11 @@ pub trait RxPort: Send {
 
     /// Counters so far.
     fn stats(&self) -> PortStats;
+
+    /// How the frames start (Ethernet unless the port says otherwise).
+    fn link_type(&self) -> LinkType {
+        LinkType::Ethernet
+    }
 
     /// Tells a finite source (a capture file) whether everything it handed out so far has been
     /// dealt with — for the tcpcopy worker: no session is active. A file replay ends a round

@@ -8,13 +8,13 @@ use engine::control::{Framing, RecordFormat, Secret, Transport};
 use engine::session::{Pacing, SessionConfig};
 use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
 use hdrhistogram::serialization::V2Serializer;
-use pipelines::cli;
 use pipelines::tcpcopy::copies::{PortPlan, Sampling};
 use pipelines::tcpcopy::ingress::IngressOptions;
 use pipelines::tcpcopy::latency::Latency;
 use pipelines::tcpcopy::offline::OfflineConfig;
 use pipelines::tcpcopy::transform::{capture_filter, parse_transfers, ClientAddrs};
 use pipelines::tcpcopy::{Tcpcopy, TcpcopyConfig, TcpcopyStats};
+use pipelines::{cli, compat};
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -47,13 +47,32 @@ struct Args {
     /// than -M are fragmented
     #[arg(long, action = ArgAction::SetTrue)]
     udp: bool,
-    /// Interface to capture client requests on (e.g. eth0); or use --dpdk-rx
+    /// Where to capture the client requests: every interface (no -i, or -i any, as the C
+    /// tool), one interface (-i eth0), several (-i eth0,eth1), a capture file (-i FILE, as
+    /// the C --offline build: the same as --pcap FILE); or use --dpdk-rx
     #[arg(short = 'i', value_name = "INTERFACE")]
     interface: Option<String>,
+    /// Capture buffer in MiB (1..=4096): the kernel ring the capture reads from (the C
+    /// --pcap-capture build's -B; default 64)
+    #[arg(short = 'B', value_name = "MiB")]
+    capture_buffer_mib: Option<u32>,
+    /// C tool's capture length (--pcap-capture builds): accepted and ignored, tcpcopy keeps
+    /// whole frames (GRO-merged ones too)
+    #[arg(short = 'S', value_name = "BYTES")]
+    snaplen: Option<String>,
+    /// C tool's "default RTT": it has no effect there either; accepted and ignored (each
+    /// session's RTT is measured from the target's replies)
+    #[arg(short = 'R', value_name = "MS")]
+    default_rtt: Option<String>,
+    /// C tool's memory-pool growth step: accepted and ignored (the session pool is sized
+    /// by itself; cap memory with -m)
+    #[arg(short = 'U', value_name = "KiB")]
+    pool_growth: Option<String>,
     /// Capture filter (pcap syntax); default: made from -x, e.g. "tcp and ((dst port 80))"
     #[arg(short = 'F', value_name = "FILTER")]
     filter: Option<String>,
-    /// Send the replayed packets out of this interface only (default: by the routing table)
+    /// Send the replayed packets out of this interface only (default: by the routing table);
+    /// the C --pcap-send build's MACs in -x are accepted, the kernel resolves the next hop
     #[arg(short = 'o', value_name = "INTERFACE")]
     output_interface: Option<String>,
     /// Replay client addresses: IPs or a.b.c.x ranges (e.g. 10.9.9.x); the target must route them to the assistant
@@ -184,18 +203,15 @@ struct Args {
     )]
     pcap: Option<PathBuf>,
     /// With --pcap: replay N times faster than captured, 0.01..=1000000 (0.5: half speed)
-    #[arg(
-        short = 'a',
-        value_name = "N",
-        default_value_t = 1.0,
-        requires = "pcap"
-    )]
+    #[arg(short = 'a', value_name = "N", default_value_t = 1.0)]
     acceleration: f64,
-    /// With --pcap: gaps longer than MS milliseconds between replayed packets are skipped (0: off)
-    #[arg(short = 'I', value_name = "MS", default_value_t = 0, requires = "pcap")]
+    /// With --pcap: gaps longer than MS milliseconds between replayed packets are skipped
+    /// (0: off; at most 86400000)
+    #[arg(short = 'I', value_name = "MS", default_value_t = 0)]
     idle_gap_ms: u64,
-    /// With --pcap: replay the file N times, each round once the previous one's sessions ended
-    #[arg(short = 'T', value_name = "N", default_value_t = 1, requires = "pcap")]
+    /// With --pcap: replay the file N times (1..=1000000), each round once the previous
+    /// one's sessions ended (0: once, as the C tool)
+    #[arg(short = 'T', value_name = "N", default_value_t = 1)]
     rounds: u32,
     /// With --pcap: seconds a round waits after the end of the file for open sessions to end
     #[arg(long, value_name = "SECONDS", default_value_t = 5.0, requires = "pcap")]
@@ -223,6 +239,9 @@ fn run() -> anyhow::Result<()> {
     if args.check {
         args.effective = Some(effective_yaml::<Args, TcpcopyFile>(&matches)?);
     }
+    let mut warnings = compat::Warnings::new("tcpcopy");
+    c_forms(&mut args, &matches, &mut warnings)?;
+    check_numbers(&args)?;
     let transfers = parse_transfers(&args.transfers)?;
     let clients = args
         .clients
@@ -271,10 +290,8 @@ fn run() -> anyhow::Result<()> {
         (Some(_), Some(_)) => anyhow::bail!("give -i INTERFACE or --dpdk-rx DEVICE, not both"),
         (None, None) => match &args.pcap {
             Some(file) => file.display().to_string(),
-            None => anyhow::bail!(
-                "tell tcpcopy where to capture: -i INTERFACE (e.g. -i eth0), --dpdk-rx DEVICE or \
-                 --pcap FILE"
-            ),
+            // The C tool's default: every interface.
+            None => "any".to_owned(),
         },
     };
     let offline = offline_config(&args, &transfers)?;
@@ -291,8 +308,10 @@ fn run() -> anyhow::Result<()> {
         },
         pace_idle: Duration::from_millis(args.pace_idle_ms.max(1)),
         timeout,
+        // As the C tool: -k 0 (or none) is -t + 120.
         keepalive: args
             .keepalive
+            .filter(|&k| k > 0)
             .map_or(timeout + Duration::from_secs(120), Duration::from_secs),
         mid_stream: !args.only_syn,
         fake_syn_mss: args.fake_mss,
@@ -317,6 +336,8 @@ fn run() -> anyhow::Result<()> {
         plan: PortPlan::new(args.copies, args.instance, args.workers)?,
         sampling: match (args.ramp, args.sample) {
             (true, _) => Sampling::ramp(),
+            // As the C tool: -r 0 replays every session.
+            (false, Some(0)) => Sampling::all(),
             (false, Some(percent)) => Sampling::percent(percent)?,
             (false, None) => Sampling::all(),
         },
@@ -328,6 +349,7 @@ fn run() -> anyhow::Result<()> {
         transfers,
         clients,
         interface: interface.clone(),
+        capture_buffer_mib: args.capture_buffer_mib,
         filter,
         output_interface: args.output_interface.clone(),
         intercepts,
@@ -376,6 +398,7 @@ fn run() -> anyhow::Result<()> {
         args.pid_file.as_deref(),
     )?;
     let stop = live.stop.clone();
+    warnings.log();
     let _ = (args.only_syn, args.lonely);
     tracing::info!(
         "tcpcopy {} starting: -x {} -i {} filter \"{}\" intercepts {:?}",
@@ -436,6 +459,152 @@ fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The forms of the C tools' builds: `-i FILE` (the `--offline` build), flags accepted with a
+/// warning (`-R`, `-U`, `-S`, MACs in `-x`, `-C 0`), `-a -I -T` only with a capture file.
+fn c_forms(
+    args: &mut Args,
+    matches: &clap::ArgMatches,
+    warnings: &mut compat::Warnings,
+) -> anyhow::Result<()> {
+    if let Some(value) = args.interface.clone() {
+        if args.pcap.is_none() && compat::is_capture_file(&value) {
+            args.pcap = Some(value.into());
+            args.interface = None;
+        }
+    }
+    let given = |id: &str| {
+        matches!(
+            matches.value_source(id),
+            Some(clap::parser::ValueSource::CommandLine)
+        )
+    };
+    if args.pcap.is_none() {
+        for (id, flag) in [
+            ("acceleration", "-a"),
+            ("idle_gap_ms", "-I"),
+            ("rounds", "-T"),
+        ] {
+            if given(id) {
+                anyhow::bail!(
+                    "{flag} goes with a capture file to replay: add --pcap FILE (or -i FILE, as the C --offline build)"
+                );
+            }
+        }
+    }
+    if let Some(rtt) = &args.default_rtt {
+        warnings.warn(format!(
+            "-R {rtt} ignored: it has no effect in the C tcpcopy either; each session's RTT is measured from the target's replies"
+        ));
+    }
+    if let Some(step) = &args.pool_growth {
+        warnings.warn(format!(
+            "-U {step} ignored: the session pool sizes itself; cap tcpcopy's memory with -m MiB"
+        ));
+    }
+    if let Some(snaplen) = &args.snaplen {
+        warnings.warn(format!(
+            "-S {snaplen} ignored: tcpcopy captures whole frames (up to 256 KiB, GRO-merged ones too)"
+        ));
+    }
+    if args.transfers.contains('@') {
+        warnings.warn(
+            "the MAC addresses in -x (the C --pcap-send build's form) are not needed: tcpcopy sends at the IP layer (out of -o INTERFACE if given) and the kernel finds the next hop; to send to a fixed next-hop MAC, use a DPDK port with --next-hop MAC",
+        );
+    }
+    if args.connections == 0 {
+        warnings.warn("-C 0 means 1 connection to each intercept (as in the C tool)");
+        args.connections = 1;
+    }
+    if args.rounds == 0 {
+        args.rounds = 1;
+    }
+    Ok(())
+}
+
+/// Every numeric flag (and so every YAML key behind one) against its documented range.
+fn check_numbers(args: &Args) -> anyhow::Result<()> {
+    use compat::{check_range, MAX_MILLISECONDS, MAX_SECONDS, MAX_STATS_INTERVAL};
+    check_range(
+        "-t",
+        args.timeout,
+        0..=MAX_SECONDS,
+        "the session timeout in seconds",
+        "600",
+    )?;
+    if let Some(k) = args.keepalive {
+        check_range(
+            "-k",
+            k,
+            0..=MAX_SECONDS,
+            "the keep-alive timeout in seconds (0: -t + 120)",
+            "720",
+        )?;
+    }
+    check_range("-p", args.port, 1..=65535, "the intercept port", "36524")?;
+    check_range(
+        "-C",
+        args.connections,
+        1..=16,
+        "the connections to each intercept",
+        "2",
+    )?;
+    check_range(
+        "-n",
+        args.copies,
+        0..=1023,
+        "the number of copies (0 and 1: the original only)",
+        "3",
+    )?;
+    check_range(
+        "-f",
+        args.instance,
+        0..=31,
+        "the instance number (the client port space is split in 32 slices)",
+        "1",
+    )?;
+    if let Some(r) = args.sample {
+        check_range(
+            "-r",
+            r,
+            0..=100,
+            "the percentage of sessions replayed (0: all)",
+            "10",
+        )?;
+    }
+    if let Some(b) = args.capture_buffer_mib {
+        check_range("-B", b, 1..=4096, "the capture buffer in MiB", "64")?;
+    }
+    check_range(
+        "--pace-idle-ms",
+        args.pace_idle_ms,
+        0..=MAX_MILLISECONDS,
+        "the pacing silence in milliseconds",
+        "100",
+    )?;
+    check_range(
+        "--stats-interval",
+        args.stats_interval,
+        0..=MAX_STATS_INTERVAL,
+        "the statistics interval in seconds (0: only at exit)",
+        "5",
+    )?;
+    check_range(
+        "-I",
+        args.idle_gap_ms,
+        0..=MAX_MILLISECONDS,
+        "the idle gap in milliseconds (0: off)",
+        "1000",
+    )?;
+    check_range(
+        "-T",
+        args.rounds,
+        1..=1_000_000,
+        "the number of rounds",
+        "3",
+    )?;
+    Ok(())
+}
+
 /// `--udp`: stateless UDP replay (spec §6.1), no sessions and no intercept.
 fn run_udp(
     args: &Args,
@@ -443,9 +612,11 @@ fn run_udp(
     clients: Option<ClientAddrs>,
 ) -> anyhow::Result<()> {
     use pipelines::udpcopy::{self, ReassemblyConfig, ReplayConfig, Udpcopy, UdpcopyConfig};
-    let Some(interface) = args.interface.clone() else {
-        anyhow::bail!("tell tcpcopy --udp where to capture: -i INTERFACE (e.g. -i eth0)");
-    };
+    if args.pcap.is_some() {
+        anyhow::bail!("--udp replays live captures only: drop --pcap (or -i FILE)");
+    }
+    // No -i: every interface, as for TCP.
+    let interface = args.interface.clone().unwrap_or_else(|| "any".to_owned());
     if args.dpdk.settings()?.is_some() {
         anyhow::bail!("--udp captures on kernel interfaces only: use -i INTERFACE, not --dpdk-*");
     }

@@ -32,7 +32,7 @@ use engine::control::{
 use engine::flow::FlowKey;
 use engine::port::afpacket::{AfPacketConfig, AfPacketRx, FanoutMode};
 use engine::port::filter::SoftFilter;
-use engine::port::{PortStats, RxPort};
+use engine::port::{LinkType, PortStats, RxPort};
 use engine::wire::ethernet::ETHERTYPE_IPV4;
 use engine::wire::EthernetFrame;
 use mio::unix::SourceFd;
@@ -306,8 +306,10 @@ impl Intercept {
             if config.dpdk.is_some() {
                 break;
             }
+            let (interface, scope) = crate::ports::capture_scope(&config.interface);
             let capture = AfPacketRx::open(&AfPacketConfig {
-                interface: config.interface.clone(),
+                interface,
+                scope,
                 filter: Some(config.filter.clone()),
                 snaplen: 256,
                 fanout: (workers > 1).then_some((group, FanoutMode::Hash)),
@@ -480,15 +482,26 @@ enum Extracted {
     Ignored,
 }
 
-fn extract(frame: &[u8], record_format: RecordFormat, record: &mut [u8]) -> Extracted {
-    let Ok(eth) = EthernetFrame::new_checked(frame) else {
-        return Extracted::Ignored;
+fn extract(
+    frame: &[u8],
+    link: LinkType,
+    record_format: RecordFormat,
+    record: &mut [u8],
+) -> Extracted {
+    let packet = match link {
+        LinkType::RawIp => frame,
+        LinkType::Ethernet => {
+            let Ok(eth) = EthernetFrame::new_checked(frame) else {
+                return Extracted::Ignored;
+            };
+            if eth.ethertype() != ETHERTYPE_IPV4 {
+                return Extracted::Ignored;
+            }
+            &frame[eth.header_len()..]
+        }
     };
-    if eth.ethertype() != ETHERTYPE_IPV4 {
-        return Extracted::Ignored;
-    }
     // The capture may be cut after the headers (snap length): the codec checks what it copies.
-    if encode_record(&frame[eth.header_len()..], record_format, record).is_err() {
+    if encode_record(packet, record_format, record).is_err() {
         return Extracted::Ignored;
     }
     let Ok(header) = ResponseHeader::parse(&record[..record_format.record_len()]) else {
@@ -552,13 +565,14 @@ impl CaptureWorker {
                     single,
                     ..
                 } = &mut self;
+                let link = capture.link_type();
                 capture
                     .rx_burst(BURST, &mut |frame| {
                         if filter.as_ref().is_some_and(|f| !f.matches(frame.data)) {
                             return;
                         }
                         stats.captured += 1;
-                        match extract(frame.data, *format, &mut item.record) {
+                        match extract(frame.data, link, *format, &mut item.record) {
                             Extracted::Ignored => stats.ignored += 1,
                             Extracted::Reply { key, syn_or_rst } => {
                                 stats.replies += 1;
@@ -863,7 +877,12 @@ mod tests {
             0x9c, 0x40, 0, 0, 0, 1, 0, 0, 0, 2, 0x50, 0x12, 0xff, 0xff, 0, 0, 0, 0,
         ]);
         let mut record = [0u8; PAYLOAD_RECORD_LEN];
-        match extract(&frame, RecordFormat::Header64, &mut record) {
+        match extract(
+            &frame,
+            LinkType::Ethernet,
+            RecordFormat::Header64,
+            &mut record,
+        ) {
             Extracted::Reply { key, syn_or_rst } => {
                 assert!(syn_or_rst);
                 assert_eq!(key.client(), "10.77.0.10:40000".parse().unwrap());
@@ -871,9 +890,26 @@ mod tests {
             }
             Extracted::Ignored => panic!("not extracted"),
         }
+        // The same packet without its Ethernet header, as a capture on every interface sees it.
+        match extract(
+            &frame[14..],
+            LinkType::RawIp,
+            RecordFormat::Header64,
+            &mut record,
+        ) {
+            Extracted::Reply { key, .. } => {
+                assert_eq!(key.client(), "10.77.0.10:40000".parse().unwrap())
+            }
+            Extracted::Ignored => panic!("raw IP not extracted"),
+        }
         frame[12] = 0x86;
         assert!(matches!(
-            extract(&frame, RecordFormat::Header64, &mut record),
+            extract(
+                &frame,
+                LinkType::Ethernet,
+                RecordFormat::Header64,
+                &mut record
+            ),
             Extracted::Ignored
         ));
     }

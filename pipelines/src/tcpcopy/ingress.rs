@@ -164,14 +164,8 @@ pub struct Ingress {
     stats: IngressStats,
 }
 
-/// How the captured bytes start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LinkType {
-    /// Ethernet II, optionally 802.1Q/802.1ad tagged.
-    Ethernet,
-    /// The IPv4 header (raw IP captures).
-    RawIp,
-}
+/// How the captured bytes start (the port's [`engine::port::RxPort::link_type`]).
+pub use engine::port::LinkType;
 
 /// The captured client before `-c` and copies.
 #[derive(Debug, Clone, Copy)]

@@ -24,7 +24,7 @@ pub mod ops;
 pub mod owners;
 pub mod transform;
 
-use self::ingress::{Ingress, IngressStats, LinkType};
+use self::ingress::{Ingress, IngressStats};
 use self::latency::Latency;
 use self::transform::{ClientAddrs, Transfer};
 use anyhow::Context;
@@ -64,8 +64,11 @@ pub struct TcpcopyConfig {
     pub transfers: Vec<Transfer>,
     /// `-c` replay client addresses.
     pub clients: Option<ClientAddrs>,
-    /// `-i` capture interface.
+    /// `-i`: where to capture: an interface (`eth0`), every interface (`any`), or a list
+    /// (`eth0,eth1`); see [`crate::ports::capture_scope`].
     pub interface: String,
+    /// `-B`: the capture ring's size in MiB (default: the port's, 64 MiB).
+    pub capture_buffer_mib: Option<u32>,
     /// `-F` capture filter (default: made from the transfers).
     pub filter: String,
     /// Transmit interface for the raw socket (`-o`), if pinned.
@@ -159,6 +162,7 @@ fn add_ports(a: &mut PortStats, b: &PortStats) {
     a.rx_packets += b.rx_packets;
     a.rx_bytes += b.rx_bytes;
     a.rx_dropped += b.rx_dropped;
+    a.rx_duplicates += b.rx_duplicates;
     a.tx_packets += b.tx_packets;
     a.tx_bytes += b.tx_bytes;
     a.tx_errors += b.tx_errors;
@@ -338,11 +342,21 @@ fn open_kernel_ports(
                 workers: workers as u16,
             },
         ));
+        let (interface, scope) = crate::ports::capture_scope(&config.interface);
+        let defaults = AfPacketConfig::default();
+        let block_count = config
+            .capture_buffer_mib
+            .map_or(defaults.block_count, |mib| {
+                (u64::from(mib) * (1 << 20) / u64::from(defaults.block_size)).clamp(1, 65_536)
+                    as u32
+            });
         let capture = AfPacketRx::open(&AfPacketConfig {
-            interface: config.interface.clone(),
+            interface,
+            scope,
             filter: Some(config.filter.clone()),
             fanout,
-            ..AfPacketConfig::default()
+            block_count,
+            ..defaults
         })
         .with_context(|| format!("cannot capture on -i {} (worker {i})", config.interface))?;
         rx.push(Box::new(capture));
@@ -858,18 +872,12 @@ impl Worker {
         metas.clear();
         // Ingress writes each accepted frame into its own buffer; the session table then takes
         // the whole burst at once (it prefetches the sessions' entries ahead of use).
+        let link = capture.link_type();
         let received = capture
             .rx_burst(BURST, &mut |frame| {
                 // One frame may make several packets (-n copies, -M splits).
                 let before = metas.len();
-                ingress.process_all(
-                    frame.data,
-                    frame.wire_len,
-                    LinkType::Ethernet,
-                    now,
-                    frames,
-                    metas,
-                );
+                ingress.process_all(frame.data, frame.wire_len, link, now, frames, metas);
                 if metas.len() > before && frame.timestamp_ns != 0 {
                     stamps.push(frame.timestamp_ns);
                 }
