@@ -211,6 +211,11 @@ pub fn capture_fields(s: &PortStats) -> Vec<Field> {
             "Frames the kernel or device dropped before they were read (ring full).",
             s.rx_dropped,
         ),
+        field(
+            "duplicates",
+            "Frames left out because the same frame had just been seen on another listed interface.",
+            s.rx_duplicates,
+        ),
     ]
 }
 
@@ -1393,6 +1398,7 @@ mod tests {
                 "rx_packets",
                 "rx_bytes",
                 "rx_dropped",
+                "rx_duplicates",
                 "tx_packets",
                 "tx_bytes",
                 "tx_errors"

@@ -652,7 +652,7 @@ impl UdpStats {
         let mut line = String::new();
         let _ = write!(
             line,
-            "udp captured {} capture-drops {} accepted {} datagrams {} sent {} fragmented {} \
+            "udp captured {} capture-drops {} capture-duplicates {} accepted {} datagrams {} sent {} fragmented {} \
              fragments-out {} tx-errors {} | reassembly fragments-in {} reassembled {} pending {} \
              expired {} overlaps {} bad {} too-many-fragments {} evicted {} duplicates {} \
              discarded {} | dropped: malformed {}: truncated {} bad-version {} bad-ihl {} \
@@ -660,6 +660,7 @@ impl UdpStats {
              oversize {} fragment-errors {}",
             self.captured,
             self.capture.rx_dropped,
+            self.capture.rx_duplicates,
             self.accepted,
             self.datagrams,
             self.transmit.tx_packets,

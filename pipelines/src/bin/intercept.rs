@@ -22,9 +22,32 @@ Example: intercept -i eth0 -F 'tcp and src port 8080'",
     disable_version_flag = true
 )]
 struct Args {
-    /// Interface to capture the target's replies on (e.g. eth0); or use --dpdk-rx
+    /// Where to capture the target's replies: every interface (no -i, or -i any, as the C
+    /// tool), one interface (-i eth0) or several (-i eth0,eth1); or use --dpdk-rx
     #[arg(short = 'i', value_name = "INTERFACE")]
     interface: Option<String>,
+    /// The C "docker" rewrite: a reply addressed to ipA is routed and reported as if addressed
+    /// to ipB, e.g. -D 172.17.0.2-10.0.0.5
+    #[arg(short = 'D', value_name = "ipA-ipB")]
+    rewrite_client: Option<String>,
+    /// C --traditional (NFQUEUE) builds' pass list: refused (this intercept captures on the
+    /// assistant host; nothing is queued, so nothing needs passing)
+    #[arg(short = 'x', value_name = "IPS")]
+    pass_list: Option<String>,
+    /// C NFQUEUE builds' queue length: refused, as -x
+    #[arg(short = 'q', value_name = "N")]
+    queue_length: Option<String>,
+    /// C tool's delay-table bucket count: accepted and ignored (replies waiting for their
+    /// route sit in a bounded queue sized by itself)
+    #[arg(short = 's', value_name = "N")]
+    delay_buckets: Option<String>,
+    /// C tool's initial batch size: accepted and ignored (batches adapt to the load)
+    #[arg(short = 'n', value_name = "N")]
+    batch_size: Option<String>,
+    /// Not a flag of the C intercept either (it rejects -t): idle routes go after
+    /// --route-timeout SECONDS
+    #[arg(short = 't', value_name = "SECONDS", hide = true)]
+    route_timeout_c: Option<String>,
     #[command(flatten)]
     dpdk: cli::DpdkArgs,
     #[command(flatten)]
@@ -92,6 +115,66 @@ struct Args {
     protect: bool,
 }
 
+/// The C intercept's flags of other builds: refused with the reason, or accepted with a warning.
+fn c_forms(args: &Args, warnings: &mut pipelines::compat::Warnings) -> anyhow::Result<()> {
+    if args.pass_list.is_some() || args.queue_length.is_some() {
+        anyhow::bail!(
+            "-x (pass list) and -q (queue length) belong to the C intercept's --traditional build, which runs on the target server and takes the replies from an NFQUEUE; this intercept runs on the assistant host, where the target's route sends its replies, and captures them with -i/-F (nothing is queued, so nothing needs passing): drop -x and -q, route the replies to this host (see the README's deployment section)"
+        );
+    }
+    if args.route_timeout_c.is_some() {
+        anyhow::bail!(
+            "-t is not a flag of intercept (the C intercept rejects it too): idle routes are forgotten after --route-timeout SECONDS (default 120)"
+        );
+    }
+    if let Some(n) = &args.delay_buckets {
+        warnings.warn(format!(
+            "-s {n} ignored: replies that arrive before their route wait in a bounded queue sized by intercept itself"
+        ));
+    }
+    if let Some(n) = &args.batch_size {
+        warnings.warn(format!(
+            "-n {n} ignored: batches of records adapt to the load by themselves (as in the C tool after its start)"
+        ));
+    }
+    Ok(())
+}
+
+/// Every numeric flag (and so every YAML key behind one) against its documented range.
+fn check_numbers(args: &Args) -> anyhow::Result<()> {
+    use pipelines::compat::{check_range, MAX_SECONDS, MAX_STATS_INTERVAL};
+    check_range(
+        "--route-timeout",
+        args.route_timeout,
+        1..=MAX_SECONDS,
+        "the idle route timeout in seconds",
+        "120",
+    )?;
+    check_range(
+        "--stats-interval",
+        args.stats_interval,
+        0..=MAX_STATS_INTERVAL,
+        "the statistics interval in seconds (0: only at exit)",
+        "5",
+    )?;
+    Ok(())
+}
+
+/// `-D ipA-ipB`.
+fn parse_rewrite(text: &str) -> anyhow::Result<(Ipv4Addr, Ipv4Addr)> {
+    let parsed = text.split_once('-').and_then(|(a, b)| {
+        Some((
+            a.trim().parse::<Ipv4Addr>().ok()?,
+            b.trim().parse::<Ipv4Addr>().ok()?,
+        ))
+    });
+    parsed.ok_or_else(|| {
+        anyhow::anyhow!(
+            "bad -D value '{text}': the form is ipA-ipB (replies to ipA are routed as replies to ipB), e.g. -D 172.17.0.2-10.0.0.5"
+        )
+    })
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("intercept: {e:#}");
@@ -102,6 +185,14 @@ fn main() {
 fn run() -> anyhow::Result<()> {
     use pipelines::config::{effective_yaml, parse_args, InterceptFile};
     let (args, matches) = parse_args::<Args, InterceptFile>()?;
+    let mut warnings = pipelines::compat::Warnings::new("intercept");
+    c_forms(&args, &mut warnings)?;
+    check_numbers(&args)?;
+    let rewrite_client = args
+        .rewrite_client
+        .as_deref()
+        .map(parse_rewrite)
+        .transpose()?;
     let bind: Ipv4Addr = args.bind.parse().with_context(|| {
         format!(
             "bad -b value '{}': not an IPv4 address (e.g. -b 10.0.0.40)",
@@ -129,14 +220,14 @@ fn run() -> anyhow::Result<()> {
         (Some(i), None) => i.clone(),
         (None, Some(d)) => d.rx_device.clone(),
         (Some(_), Some(_)) => anyhow::bail!("give -i INTERFACE or --dpdk-rx DEVICE, not both"),
-        (None, None) => anyhow::bail!(
-            "tell intercept where to capture: -i INTERFACE (e.g. -i eth0) or --dpdk-rx DEVICE"
-        ),
+        // The C tool's default: every interface.
+        (None, None) => "any".to_owned(),
     };
     let config = InterceptConfig {
         dpdk,
         interface,
         filter: args.filter.clone(),
+        rewrite_client,
         listen: SocketAddrV4::new(bind, args.port),
         record_format: if args.payload_records {
             RecordFormat::Payload192
@@ -169,6 +260,7 @@ fn run() -> anyhow::Result<()> {
         args.pid_file.as_deref(),
     )?;
     let stop = live.stop.clone();
+    warnings.log();
     tracing::info!(
         "intercept {} starting: -i {} -F \"{}\" listening on {} ({}{}), {} capture thread(s){}",
         env!("CARGO_PKG_VERSION"),

@@ -57,10 +57,14 @@ const WAKE: Token = Token(1);
 /// Everything intercept needs, already validated.
 #[derive(Debug, Clone)]
 pub struct InterceptConfig {
-    /// `-i` capture interface.
+    /// `-i`: where to capture: an interface (`eth0`), every interface (`any`), or a list
+    /// (`eth0,eth1`); see [`crate::ports::capture_scope`].
     pub interface: String,
     /// `-F` capture filter selecting the target's replies.
     pub filter: String,
+    /// `-D ipA-ipB` (the C "docker" rewrite): a reply addressed to `ipA` is routed and
+    /// reported as if addressed to `ipB`.
+    pub rewrite_client: Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
     /// `-b`/`-p` listen address for tcpcopy.
     pub listen: SocketAddrV4,
     /// Record format of the control channel.
@@ -91,6 +95,7 @@ impl InterceptConfig {
         InterceptConfig {
             interface: interface.to_string(),
             filter: filter.to_string(),
+            rewrite_client: None,
             listen: SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 36524),
             record_format: RecordFormat::Header64,
             framing: Framing::Combined,
@@ -155,7 +160,7 @@ impl InterceptStats {
             "captured {} replies {} routed {} delayed {} delay-delivered {} no-route {} send-dropped {} \
              ring-full {} ignored {} | routes {} add {} del {} | connections {} lost {} \
              auth-ok {} auth-refused {} single-refused {} | udp-rx {} udp-tx {} udp-lost {} \
-             udp-reordered {} udp-replayed {} udp-rejected {} | capture-drops {}",
+             udp-reordered {} udp-replayed {} udp-rejected {} | capture-drops {} capture-duplicates {}",
             self.captured,
             self.replies,
             self.routed,
@@ -180,6 +185,7 @@ impl InterceptStats {
             c.datagrams_replayed,
             c.datagrams_rejected,
             self.capture.rx_dropped,
+            self.capture.rx_duplicates,
         );
         line
     }
@@ -196,6 +202,7 @@ impl InterceptStats {
         self.capture.rx_packets += c.port.rx_packets;
         self.capture.rx_bytes += c.port.rx_bytes;
         self.capture.rx_dropped += c.port.rx_dropped;
+        self.capture.rx_duplicates += c.port.rx_duplicates;
     }
 }
 
@@ -371,6 +378,7 @@ impl Intercept {
                 items,
                 parked,
                 format: config.record_format,
+                rewrite_client: config.rewrite_client,
                 single: config.single,
                 shared: shared.clone(),
                 stats: CaptureStats::default(),
@@ -486,6 +494,7 @@ fn extract(
     frame: &[u8],
     link: LinkType,
     record_format: RecordFormat,
+    rewrite_client: Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
     record: &mut [u8],
 ) -> Extracted {
     let packet = match link {
@@ -503,6 +512,13 @@ fn extract(
     // The capture may be cut after the headers (snap length): the codec checks what it copies.
     if encode_record(packet, record_format, record).is_err() {
         return Extracted::Ignored;
+    }
+    if let Some((from, to)) = rewrite_client {
+        // The record starts with the reply's IPv4 header (options not carried).
+        let mut ip = engine::wire::Ipv4Packet::new_unchecked(&mut record[..20]);
+        if ip.dst_addr() == from {
+            ip.set_dst_addr(to);
+        }
     }
     let Ok(header) = ResponseHeader::parse(&record[..record_format.record_len()]) else {
         return Extracted::Ignored;
@@ -526,6 +542,7 @@ struct CaptureWorker {
     items: Arc<ArrayQueue<Item>>,
     parked: Arc<AtomicBool>,
     format: RecordFormat,
+    rewrite_client: Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
     single: bool,
     shared: Arc<Shared>,
     stats: CaptureStats,
@@ -563,6 +580,7 @@ impl CaptureWorker {
                     stats,
                     format,
                     single,
+                    rewrite_client,
                     ..
                 } = &mut self;
                 let link = capture.link_type();
@@ -572,7 +590,8 @@ impl CaptureWorker {
                             return;
                         }
                         stats.captured += 1;
-                        match extract(frame.data, link, *format, &mut item.record) {
+                        match extract(frame.data, link, *format, *rewrite_client, &mut item.record)
+                        {
                             Extracted::Ignored => stats.ignored += 1,
                             Extracted::Reply { key, syn_or_rst } => {
                                 stats.replies += 1;
@@ -881,6 +900,7 @@ mod tests {
             &frame,
             LinkType::Ethernet,
             RecordFormat::Header64,
+            None,
             &mut record,
         ) {
             Extracted::Reply { key, syn_or_rst } => {
@@ -895,6 +915,7 @@ mod tests {
             &frame[14..],
             LinkType::RawIp,
             RecordFormat::Header64,
+            None,
             &mut record,
         ) {
             Extracted::Reply { key, .. } => {
@@ -902,12 +923,29 @@ mod tests {
             }
             Extracted::Ignored => panic!("raw IP not extracted"),
         }
+        // -D 10.77.0.10-10.9.9.1: routed and reported as the other client address.
+        let docker = Some(("10.77.0.10".parse().unwrap(), "10.9.9.1".parse().unwrap()));
+        match extract(
+            &frame,
+            LinkType::Ethernet,
+            RecordFormat::Header64,
+            docker,
+            &mut record,
+        ) {
+            Extracted::Reply { key, .. } => {
+                assert_eq!(key.client(), "10.9.9.1:40000".parse().unwrap());
+                let header = ResponseHeader::parse(&record[..64]).unwrap();
+                assert_eq!(header.dst_ip, std::net::Ipv4Addr::new(10, 9, 9, 1));
+            }
+            Extracted::Ignored => panic!("not extracted with -D"),
+        }
         frame[12] = 0x86;
         assert!(matches!(
             extract(
                 &frame,
                 LinkType::Ethernet,
                 RecordFormat::Header64,
+                None,
                 &mut record
             ),
             Extracted::Ignored

@@ -227,7 +227,7 @@ impl TcpcopyStats {
         let mut line = String::new();
         let _ = write!(
             line,
-            "captured {} capture-drops {} accepted {} (data {}) dropped: malformed {}: truncated {} bad-version {} bad-ihl {} \
+            "captured {} capture-drops {} capture-duplicates {} accepted {} (data {}) dropped: malformed {}: truncated {} bad-version {} bad-ihl {} \
              bad-total-len {} bad-data-offset {} bad-options {} cut-short {} | no-transfer {} not-tcp {} fragments {} \
              sampled-out {} copies {} split {} (pieces {}) localhost-rewritten {} | \
              sessions {} created {} mid-stream {} reconstructed {} module-prefixes {} module-vetoed {} established {} answered {} closed {} client-rst {} target-rst {} timed-out {} gave-up {} \
@@ -237,6 +237,7 @@ impl TcpcopyStats {
              udp-replayed {} auth-failures {} | shed {} dumped {} dump-dropped {}",
             i.captured,
             self.capture.rx_dropped,
+            self.capture.rx_duplicates,
             i.accepted,
             i.accepted_data,
             i.malformed(),

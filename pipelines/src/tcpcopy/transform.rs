@@ -82,6 +82,10 @@ pub fn parse_transfers(text: &str) -> Result<Vec<Transfer>, FlagError> {
                 "the entry has no '-' between the online and target sides".into(),
             ));
         };
+        // The C --pcap-send build's form names a MAC on each side (`80@MAC-IP:port@MAC`): the
+        // MACs are checked and set aside (the kernel finds the next hop; see the README).
+        let online = strip_mac(online, "online").map_err(|r| err(entry, r))?;
+        let target = strip_mac(target, "target").map_err(|r| err(entry, r))?;
         let (online_ip, online_port) = match online.rsplit_once(':') {
             Some((ip, port)) => (
                 Some(parse_ip(ip, "online").map_err(|r| err(entry, r))?),
@@ -114,6 +118,24 @@ pub fn parse_transfers(text: &str) -> Result<Vec<Transfer>, FlagError> {
         });
     }
     Ok(transfers)
+}
+
+/// `side` without its `@MAC` suffix, the MAC checked (six hex bytes separated by ':').
+fn strip_mac<'a>(side: &'a str, which: &str) -> Result<&'a str, String> {
+    let Some((address, mac)) = side.split_once('@') else {
+        return Ok(side);
+    };
+    let bytes: Vec<&str> = mac.split(':').collect();
+    let valid = bytes.len() == 6
+        && bytes
+            .iter()
+            .all(|b| b.len() == 2 && b.bytes().all(|c| c.is_ascii_hexdigit()));
+    if !valid {
+        return Err(format!(
+            "the {which} MAC '{mac}' is not a MAC address like 00:1a:2b:3c:4d:5e"
+        ));
+    }
+    Ok(address)
 }
 
 /// Finds the first transfer that matches a captured destination (spec §4.1).
@@ -212,6 +234,29 @@ impl ClientAddrs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transfers_with_the_c_pcap_send_macs() {
+        // The C tool's usage line for --pcap-send builds.
+        let t = parse_transfers(
+            "10.0.0.5:80@00:1a:2b:3c:4d:5e-10.0.0.9:8080@00:aa:bb:cc:dd:ee,81@00:1a:2b:3c:4d:5e-10.0.0.9:8081",
+        )
+        .unwrap();
+        assert_eq!(t[0].to_string(), "10.0.0.5:80-10.0.0.9:8080");
+        assert_eq!(t[1].online_port, 81);
+        assert_eq!(t[1].target_port, 8081);
+        let e = parse_transfers("80@00:1a:2b-10.0.0.9:8080")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("the online MAC '00:1a:2b' is not a MAC address"),
+            "{e}"
+        );
+        let e = parse_transfers("80-10.0.0.9:8080@zz:aa:bb:cc:dd:ee")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the target MAC 'zz:aa:bb:cc:dd:ee'"), "{e}");
+    }
 
     #[test]
     fn transfers_all_forms() {
