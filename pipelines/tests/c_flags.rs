@@ -45,6 +45,16 @@ fn intercept(extra: &[&str]) -> Run {
     run(INTERCEPT, &args)
 }
 
+/// A pcap file with its global header only (Ethernet, microseconds).
+fn empty_pcap() -> Vec<u8> {
+    let mut pcap = 0xa1b2_c3d4u32.to_le_bytes().to_vec();
+    pcap.extend_from_slice(&[2, 0, 4, 0]);
+    for word in [0u32, 0, 65535, 1] {
+        pcap.extend_from_slice(&word.to_le_bytes());
+    }
+    pcap
+}
+
 fn accepted(r: &Run, what: &str) {
     assert_eq!(r.code, 0, "{what}: not accepted\n{}{}", r.stdout, r.stderr);
 }
@@ -130,15 +140,7 @@ fn tcpcopy_capture_flags() {
     let dir = std::env::temp_dir().join(format!("c-flags-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("empty.pcap");
-    let mut pcap = Vec::new();
-    for word in [0xa1b2_c3d4u32] {
-        pcap.extend_from_slice(&word.to_le_bytes());
-    }
-    pcap.extend_from_slice(&2u16.to_le_bytes());
-    pcap.extend_from_slice(&4u16.to_le_bytes());
-    for word in [0u32, 0, 65535, 1] {
-        pcap.extend_from_slice(&word.to_le_bytes());
-    }
+    let pcap = empty_pcap();
     std::fs::write(&file, &pcap).unwrap();
     let path = file.to_str().unwrap();
     let r = tcpcopy(&["-i", path, "-a", "2", "-I", "1000", "-T", "3"]);
@@ -423,11 +425,7 @@ fn no_numeric_flag_value_makes_a_tool_panic() {
     let dir = std::env::temp_dir().join(format!("c-flags-n-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("empty.pcap");
-    let mut pcap = 0xa1b2_c3d4u32.to_le_bytes().to_vec();
-    pcap.extend_from_slice(&[2, 0, 4, 0]);
-    for word in [0u32, 0, 65535, 1] {
-        pcap.extend_from_slice(&word.to_le_bytes());
-    }
+    let pcap = empty_pcap();
     std::fs::write(&file, &pcap).unwrap();
     let path = file.to_str().unwrap().to_owned();
     let mut runs = 0;
