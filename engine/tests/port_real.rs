@@ -789,3 +789,137 @@ fn snaplen_cuts_frames_and_no_filter_takes_all() {
     }
     assert_eq!(ours, 4);
 }
+
+/// Frames into the namespace cross its veth end and then a bridge that end is a port of (the
+/// address lives on the bridge), so the kernel sees each one on two interfaces. A capture on
+/// every interface hands each packet over once, raw IP, and never the namespace's own output;
+/// a capture listing both interfaces hands each over once and counts the copy it left out; a
+/// capture on the port alone sees Ethernet frames, as before.
+#[test]
+fn capture_scopes_see_a_bridged_frame_once_and_never_own_output() {
+    use engine::port::afpacket::Scope;
+    use engine::port::LinkType;
+    if !can_run("capture_scopes_see_a_bridged_frame_once_and_never_own_output") {
+        return;
+    }
+    let veth = Veth::new();
+    let bridge = format!("{}br", veth.b);
+    let bridge = bridge.replace("tcrp", "tb");
+    assert!(bridge.len() < 16, "{bridge}");
+    let b_mac = veth
+        .ns(&["cat", &format!("/sys/class/net/{}/address", veth.b)])
+        .trim()
+        .to_owned();
+    let a_mac = run(&["cat", &format!("/sys/class/net/{}/address", veth.a)])
+        .trim()
+        .to_owned();
+    let b_cidr = format!("{}/30", dotted(veth.b_addr));
+    veth.ns(&["ip", "link", "add", &bridge, "type", "bridge"]);
+    veth.ns(&["ip", "link", "set", &bridge, "address", &b_mac]);
+    veth.ns(&["ip", "addr", "del", &b_cidr, "dev", &veth.b]);
+    veth.ns(&["ip", "link", "set", &veth.b, "master", &bridge]);
+    veth.ns(&["ip", "addr", "add", &b_cidr, "dev", &bridge]);
+    veth.ns(&["ip", "link", "set", &bridge, "up"]);
+    let a_ip = dotted(veth.a_addr);
+    veth.ns(&[
+        "ip",
+        "neigh",
+        "replace",
+        &a_ip,
+        "lladdr",
+        &a_mac,
+        "dev",
+        &bridge,
+        "nud",
+        "permanent",
+    ]);
+
+    let filter = format!("tcp and dst port {MATCH_PORT}");
+    let open = |scope: Scope| {
+        let config = AfPacketConfig {
+            scope,
+            ..small_ring(&filter)
+        };
+        let config = AfPacketConfig {
+            interface: veth.b.clone(),
+            ..config
+        };
+        in_namespace(&veth.namespace, move || AfPacketRx::open(&config))
+            .unwrap_or_else(|e| panic!("AfPacketRx::open: {e}"))
+    };
+    let mut all = open(Scope::AllInterfaces);
+    let mut listed = open(Scope::Interfaces(vec![veth.b.clone(), bridge.clone()]));
+    let mut port_only = open(Scope::Interface);
+    assert_eq!(all.link_type(), LinkType::RawIp);
+    assert_eq!(listed.link_type(), LinkType::RawIp);
+    assert_eq!(port_only.link_type(), LinkType::Ethernet);
+    assert_eq!(all.interface(), "any");
+    assert_eq!(listed.interface(), format!("{},{bridge}", veth.b));
+
+    // The namespace's own output to the same port: no capture may hand it over.
+    let mut own = in_namespace(&veth.namespace, || RawIpTx::open(&RawIpConfig::default()))
+        .unwrap_or_else(|e| panic!("RawIpTx::open in the namespace: {e}"));
+    let outgoing: Vec<Vec<u8>> = (0..5u32)
+        .map(|i| tcp_packet(veth.b_addr, veth.a_addr, 41_000, MATCH_PORT, i, 10))
+        .collect();
+    assert_eq!(send_all(&mut own, &outgoing), outgoing.len());
+
+    let mut tx = veth.transmitter();
+    let packets: Vec<Vec<u8>> = (0..10u32)
+        .map(|i| veth.packet(MATCH_PORT, 100 + i, 30 + i as usize))
+        .collect();
+    assert_eq!(send_all(&mut tx, &packets), packets.len());
+    let got_all = receive(&mut all, packets.len(), 64);
+    let got_listed = receive(&mut listed, packets.len(), 64);
+    let got_port = receive(&mut port_only, packets.len(), 64);
+    // A marker: once it is in, any extra copy sent before it would be in too.
+    let marker = veth.packet(MATCH_PORT, 5000, 8);
+    assert_eq!(send_all(&mut tx, std::slice::from_ref(&marker)), 1);
+    let mut expected = packets.clone();
+    expected.push(marker.clone());
+    for (name, rx, mut got) in [
+        ("every interface", &mut all, got_all),
+        ("both listed", &mut listed, got_listed),
+    ] {
+        got.extend(receive(rx, 1, 64));
+        let data: Vec<Vec<u8>> = got.iter().map(|f| f.data.clone()).collect();
+        assert_eq!(data, expected, "{name}: each packet once, raw IP, in order");
+    }
+    let mut got_port = got_port;
+    got_port.extend(receive(&mut port_only, 1, 64));
+    let ip: Vec<&[u8]> = got_port.iter().map(Captured::ip).collect();
+    let want: Vec<&[u8]> = expected.iter().map(Vec::as_slice).collect();
+    assert_eq!(ip, want, "the port alone: Ethernet frames");
+    assert_eq!(all.stats().rx_packets, expected.len() as u64);
+    assert_eq!(all.stats().rx_duplicates, 0);
+    assert_eq!(listed.stats().rx_packets, expected.len() as u64);
+    assert_eq!(
+        listed.stats().rx_duplicates,
+        expected.len() as u64,
+        "the bridge's copy of each frame is counted"
+    );
+}
+
+/// A list naming an interface that does not exist is refused with its name; so is an empty or
+/// too long list.
+#[test]
+fn interface_list_errors_name_the_cause() {
+    use engine::port::afpacket::{Scope, MAX_INTERFACES};
+    let err = AfPacketRx::open(&AfPacketConfig {
+        scope: Scope::Interfaces(vec!["lo".into(), "tcrpnone1".into()]),
+        ..AfPacketConfig::default()
+    })
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("interface tcrpnone1 not found"),
+        "{err}"
+    );
+    for names in [vec![], vec!["lo".to_owned(); MAX_INTERFACES + 1]] {
+        let err = AfPacketRx::open(&AfPacketConfig {
+            scope: Scope::Interfaces(names),
+            ..AfPacketConfig::default()
+        })
+        .unwrap_err();
+        assert!(matches!(err, PortError::BadConfig(_)), "{err}");
+    }
+}
