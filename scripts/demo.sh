@@ -6,7 +6,7 @@
 #
 # Environment: DEMO_REQUESTS (per mode, default 1000), DEMO_CONNECTIONS (keep-alive, default 20),
 # DEMO_SETTLE_S (bound on waiting for the target, default 30), LAB_OFFLOADS=on (leave offloads on),
-# DEMO_KEEP=1 (keep the run directory).
+# DEMO_KEEP=1 (keep the run directory), DEMO_TCPCOPY_FLAGS (more tcpcopy flags, e.g. "--workers 2").
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -115,8 +115,9 @@ PIDS+=($!)
 wait_port assistant $ASSISTANT 36524 || die "intercept did not start: $(cat "$RUN/intercept.log")"
 
 say "tcpcopy on the online host: tcpcopy -x 80-$TARGET:8080 -s $ASSISTANT (captures on every interface)"
+# shellcheck disable=SC2086 # DEMO_TCPCOPY_FLAGS is a list of flags
 ip netns exec ${PREFIX}online "$BIN/tcpcopy" -x 80-$TARGET:8080 -s $ASSISTANT \
-    -l "$RUN/tcpcopy.log" &
+    -l "$RUN/tcpcopy.log" ${DEMO_TCPCOPY_FLAGS:-} &
 PIDS+=($!)
 for _ in $(seq 100); do
     grep -q "connected to intercept" "$RUN/tcpcopy.log" 2>/dev/null && break
