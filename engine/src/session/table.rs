@@ -34,7 +34,7 @@ use super::{
     fabricate_syn, ClientSegment, Ctx, Limits, Output, Place, Response, Session, SessionConfig,
     SessionStats, Tick, Verdict, FAKE_SYN, RTO_ARMED,
 };
-use crate::flow::FlowKey;
+use crate::flow::{FlowHasher, FlowKey};
 use crate::wire::tcp::resegment;
 use crate::wire::{Ipv4Packet, TcpFlags, TcpPacket};
 use std::fmt;
@@ -134,6 +134,9 @@ pub struct SessionTable {
     now_ms: u64,
     /// The protocol module, if any.
     module: Option<Box<dyn SessionModule>>,
+    /// The index's hash, keyed at random per table (captured 4-tuples are chosen by the
+    /// network: see [`FlowHasher`]).
+    hasher: FlowHasher,
 }
 
 impl fmt::Debug for SessionTable {
@@ -217,8 +220,15 @@ impl SessionTable {
             scratch: Vec::with_capacity(1 << 16),
             now_ms: 0,
             module: None,
+            hasher: FlowHasher::random(),
             config,
         }
+    }
+
+    /// The hash of `key` in this table's index.
+    #[inline]
+    fn hash(&self, key: &FlowKey) -> u64 {
+        self.hasher.hash(key)
     }
 
     /// Installs a protocol module (see [`SessionModule`]).
@@ -284,7 +294,7 @@ impl SessionTable {
 
     /// The session for `key`, if any.
     pub fn get(&self, key: &FlowKey) -> Option<&Session> {
-        self.find(key.hash64(), key)
+        self.find(self.hash(key), key)
             .map(|(_, e)| &self.sessions[e as usize])
     }
 
@@ -310,14 +320,14 @@ impl SessionTable {
     /// Hints the CPU to load what handling `key` will touch first (its index slot).
     #[inline]
     pub fn prefetch(&self, key: &FlowKey) {
-        self.index.prefetch(key.hash64());
+        self.index.prefetch(self.hash(key));
     }
 
     /// Hashes the first keys of a burst and starts loading their index slots and entries.
     #[inline]
     fn prime<'k>(&self, ring: &mut HashRing, n: usize, key: impl Fn(usize) -> &'k FlowKey) {
         for j in 0..n.min(2 * AHEAD) {
-            let hash = key(j).hash64();
+            let hash = self.hash(key(j));
             ring.put(j, hash);
             self.index.prefetch(hash);
         }
@@ -338,7 +348,7 @@ impl SessionTable {
     ) {
         let j = i + 2 * AHEAD;
         if j < n {
-            let hash = key(j).hash64();
+            let hash = self.hash(key(j));
             ring.put(j, hash);
             self.index.prefetch(hash);
         }
@@ -368,7 +378,7 @@ impl SessionTable {
         now: Duration,
         out: &mut dyn Output,
     ) {
-        self.on_client_hashed(key.hash64(), key, packet, seg, now, out);
+        self.on_client_hashed(self.hash(&key), key, packet, seg, now, out);
     }
 
     /// Handles a burst of captured client segments, in order, as
@@ -583,7 +593,7 @@ impl SessionTable {
 
     /// Handles one reply of the target relayed by intercept.
     pub fn on_response(&mut self, resp: &Response, now: Duration, out: &mut dyn Output) {
-        self.on_response_hashed(resp.key.hash64(), resp, now, out);
+        self.on_response_hashed(self.hash(&resp.key), resp, now, out);
     }
 
     /// Handles a burst of replies, in order, as [`SessionTable::on_response`] would one by
@@ -782,14 +792,15 @@ impl SessionTable {
         let pos = match pos {
             Some(pos) => pos,
             None => {
-                self.find(key.hash64(), &key)
+                self.find(self.hash(&key), &key)
                     .expect("a live session is indexed")
                     .0
             }
         };
         let sessions = &self.sessions;
+        let hasher = self.hasher;
         self.index
-            .remove_at(pos, |e| sessions[e as usize].key.hash64());
+            .remove_at(pos, |e| hasher.hash(&sessions[e as usize].key));
         self.lists.entries[idx as usize] = Link {
             prev: NIL,
             next: self.free,
@@ -901,7 +912,7 @@ impl SessionTable {
             closed += usize::from(session.is_closed());
             queued += session.queued();
             let found = self
-                .find(session.key.hash64(), &session.key)
+                .find(self.hash(&session.key), &session.key)
                 .map(|(_, e)| e);
             assert_eq!(found, Some(idx as u32), "{:?} indexed", session.key);
             assert_eq!(session.place(), session.wanted_place(), "{:?}", session.key);
