@@ -185,7 +185,11 @@ mod tests {
             let k = key([10, 0, (p >> 16) as u8, 1], p as u16, [10, 0, 0, 2], 8080);
             slots[(random.hash(&k) as usize) & ((1 << 17) - 1)] += 1;
         }
-        assert!(slots.iter().all(|&n| n < 12), "a slot holds {:?}", slots.iter().max());
+        assert!(
+            slots.iter().all(|&n| n < 12),
+            "a slot holds {:?}",
+            slots.iter().max()
+        );
         for field in 0..4 {
             let mut b = a;
             match field {

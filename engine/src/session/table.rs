@@ -40,6 +40,19 @@ use crate::wire::{Ipv4Packet, TcpFlags, TcpPacket};
 use std::fmt;
 use std::time::Duration;
 
+/// Which sessions [`SessionTable::evict_one`] may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Victims {
+    /// Room for a new session: closed ones, then idle ones that never exchanged data. A
+    /// session that exchanged data is never given up for a newcomer, so a flood of spoofed
+    /// SYNs (sessions that never carry data) sheds only its own kind and, once the table is
+    /// full of them and of busy sessions, new sessions are refused (`table_full`) while the
+    /// real ones carry on.
+    NoData,
+    /// Memory pressure (`shed`): any idle session, the oldest first.
+    AnyIdle,
+}
+
 /// Idle sessions that exchanged data, oldest first.
 const IDLE_KEPT: usize = WHEEL_LISTS;
 /// Idle sessions that sent no data yet, oldest first.
@@ -553,7 +566,7 @@ impl SessionTable {
             }
             self.remove_entry(idx, Some(pos), out);
         }
-        if self.len() >= self.max_sessions && !self.evict_one(now, out) {
+        if self.len() >= self.max_sessions && !self.evict_one(now, out, Victims::NoData) {
             self.stats.table_full += 1;
             return;
         }
@@ -730,17 +743,21 @@ impl SessionTable {
     /// [`SessionStats::evicted`]). Busy sessions are kept. Returns how many were shed.
     pub fn shed(&mut self, count: usize, now: Duration, out: &mut dyn Output) -> usize {
         let mut shed = 0;
-        while shed < count && self.evict_one(now, out) {
+        while shed < count && self.evict_one(now, out, Victims::AnyIdle) {
             shed += 1;
         }
         shed
     }
 
-    /// Evicts the oldest idle session (closed ones first), resetting it at the target when it
-    /// is still open. False when every session is busy.
-    fn evict_one(&mut self, now: Duration, out: &mut dyn Output) -> bool {
+    /// Evicts the oldest idle session of `victims` (closed ones first), resetting it at the
+    /// target when it is still open. False when there is none.
+    fn evict_one(&mut self, now: Duration, out: &mut dyn Output, victims: Victims) -> bool {
         let victim = self.lists.front(CLOSED).or_else(|| {
-            match (self.lists.front(IDLE_KEPT), self.lists.front(IDLE_FRESH)) {
+            let kept = match victims {
+                Victims::AnyIdle => self.lists.front(IDLE_KEPT),
+                Victims::NoData => None,
+            };
+            match (kept, self.lists.front(IDLE_FRESH)) {
                 (Some(a), Some(b)) => {
                     let (ta, tb) = (
                         self.sessions[a as usize].last_response_at,
@@ -1163,6 +1180,48 @@ mod tests {
             3,
             "the three SYNs in flight; nothing leaked"
         );
+        t.check();
+    }
+
+    #[test]
+    fn new_sessions_never_evict_one_that_exchanged_data() {
+        let mut t = SessionTable::new(SessionConfig {
+            mid_stream: false,
+            ..small(3)
+        });
+        let mut out = Rec::default();
+        // Session 1 exchanged a request and its answer, long ago: idle, with data.
+        syn(&mut t, &mut out, 1, ISN, ms(0));
+        synack(&mut t, &mut out, 1, ISN, ms(0));
+        data(&mut t, &mut out, 1, ISN + 1, 10, ms(1));
+        t.on_response(
+            &response(1, TcpFlags::ACK | TcpFlags::PSH, T_ISN + 1, ISN + 11, 20),
+            ms(2),
+            &mut out,
+        );
+        // A flood: SYNs that are answered but never carry data fill the rest and keep coming.
+        for port in 100u16..140 {
+            syn(&mut t, &mut out, port, ISN, ms(1000 + u64::from(port)));
+            synack(&mut t, &mut out, port, ISN, ms(1000 + u64::from(port)));
+        }
+        assert!(
+            t.get(&key(1)).is_some(),
+            "the session with data survives the flood"
+        );
+        assert_eq!(t.stats().evicted, 38, "flood sessions shed their own kind");
+        // Only flood sessions were reset at the target.
+        assert!(out.unregistered.iter().all(|k| *k != key(1)));
+        // With no session without data left idle, a newcomer is refused, not given a slot.
+        data(&mut t, &mut out, 139, ISN + 1, 5, ms(3000));
+        data(&mut t, &mut out, 138, ISN + 1, 5, ms(3000));
+        syn(&mut t, &mut out, 200, ISN, ms(3001));
+        assert!(t.get(&key(200)).is_none());
+        assert_eq!(t.stats().table_full, 1);
+        assert!(t.get(&key(1)).is_some());
+        // Memory pressure may still shed it (the oldest idle session).
+        out.take();
+        assert_eq!(t.shed(1, ms(3002), &mut out), 1);
+        assert!(t.get(&key(1)).is_none());
         t.check();
     }
 
