@@ -806,13 +806,20 @@ struct Pages {
     json: String,
 }
 
-/// Time the server gives a client to send its request or take the answer.
+/// Time the server gives a client, in total, to send its request and take the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest request head read.
 const MAX_REQUEST: usize = 8192;
+/// Connections served at once, in total and from one address.
+const MAX_CLIENTS: usize = 32;
+const MAX_CLIENTS_PER_ADDRESS: usize = 4;
 
-/// A tiny HTTP server on its own thread: `GET /metrics` (Prometheus text) and `GET /stats.json`,
-/// one connection at a time, with short timeouts. Stops when dropped.
+/// A tiny HTTP server: `GET /metrics` (Prometheus text) and `GET /stats.json`. An accept
+/// thread hands each connection to a thread of its own, which has [`CLIENT_TIMEOUT`] in all
+/// (not per read) to send its request and take the answer; at most [`MAX_CLIENTS`] connections
+/// are served at once and [`MAX_CLIENTS_PER_ADDRESS`] from one address (more are closed at
+/// once), so no slow or hostile client keeps another scrape waiting longer than that.
+/// Stops when dropped (the accept thread at once; a client thread within its deadline).
 #[derive(Debug)]
 pub struct MetricsServer {
     addr: SocketAddr,
@@ -876,25 +883,87 @@ impl Drop for MetricsServer {
     }
 }
 
-fn serve(listener: &TcpListener, pages: &Mutex<Pages>, stop: &AtomicBool) {
+/// The connections being served, by peer address.
+#[derive(Debug, Default)]
+struct Clients {
+    by_address: std::collections::HashMap<std::net::IpAddr, usize>,
+    total: usize,
+}
+
+fn serve(listener: &TcpListener, pages: &Arc<Mutex<Pages>>, stop: &AtomicBool) {
+    let clients = Arc::new(Mutex::new(Clients::default()));
     while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let _ = answer(stream, pages);
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        };
+        let address = peer.ip();
+        let admitted = match clients.lock() {
+            Ok(mut c) => {
+                let mine = c.by_address.get(&address).copied().unwrap_or(0);
+                let ok = c.total < MAX_CLIENTS && mine < MAX_CLIENTS_PER_ADDRESS;
+                if ok {
+                    c.total += 1;
+                    *c.by_address.entry(address).or_default() += 1;
+                }
+                ok
+            }
+            Err(_) => false,
+        };
+        if !admitted {
+            // Closed at once: this address (or everyone) has enough connections open.
+            drop(stream);
+            continue;
+        }
+        let (pages, served) = (Arc::clone(pages), Arc::clone(&clients));
+        let spawned = std::thread::Builder::new()
+            .name("metrics-client".into())
+            .spawn(move || {
+                let _ = answer(stream, &pages, Instant::now() + CLIENT_TIMEOUT);
+                if let Ok(mut c) = served.lock() {
+                    c.total -= 1;
+                    if let Some(n) = c.by_address.get_mut(&address) {
+                        *n -= 1;
+                        if *n == 0 {
+                            c.by_address.remove(&address);
+                        }
+                    }
+                }
+            });
+        if spawned.is_err() {
+            if let Ok(mut c) = clients.lock() {
+                c.total -= 1;
+                if let Some(n) = c.by_address.get_mut(&address) {
+                    *n -= 1;
+                }
+            }
         }
     }
 }
 
-/// Reads one request head and answers it; the connection is closed after the answer.
-fn answer(mut stream: TcpStream, pages: &Mutex<Pages>) -> std::io::Result<()> {
+/// Time left until `deadline`, or a timed-out error (a zero timeout would mean "none").
+fn left(deadline: Instant) -> std::io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "metrics client out of time",
+        ));
+    }
+    Ok(left)
+}
+
+/// Reads one request head and answers it, all before `deadline`; the connection is closed
+/// after the answer.
+fn answer(mut stream: TcpStream, pages: &Mutex<Pages>, deadline: Instant) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        stream.set_read_timeout(Some(left(deadline)?))?;
         let n = stream.read(&mut buf)?;
         if n == 0 {
             break;
@@ -910,6 +979,7 @@ fn answer(mut stream: TcpStream, pages: &Mutex<Pages>) -> std::io::Result<()> {
             );
         }
     }
+    stream.set_write_timeout(Some(left(deadline)?))?;
     let text = String::from_utf8_lossy(&head);
     let mut words = text.lines().next().unwrap_or("").split_whitespace();
     let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
@@ -1478,6 +1548,80 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
+    }
+
+    /// Slow clients (a byte at a time, never finishing their request) neither keep a scrape
+    /// waiting (it is answered while they are all still connected) nor stay past their
+    /// deadline; a flood of connections from one address is cut at its share.
+    #[test]
+    fn slow_clients_do_not_hold_the_endpoint() {
+        let server = MetricsServer::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        server.publish("# metrics\n".into(), "{}".into());
+        let addr = server.local_addr();
+        let mut slow: Vec<TcpStream> = (0..MAX_CLIENTS_PER_ADDRESS - 1)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.write_all(b"GET /met").unwrap();
+                s
+            })
+            .collect();
+        let answer = http_get(addr, "GET /metrics HTTP/1.0\r\n\r\n");
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        // Every slow client is still connected: the scrape did not wait for any of them.
+        for s in &mut slow {
+            s.set_nonblocking(true).unwrap();
+            let mut b = [0u8; 16];
+            match s.read(&mut b) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                other => panic!("a slow client was answered or closed early: {other:?}"),
+            }
+            s.set_nonblocking(false).unwrap();
+        }
+        // The server cuts each at its deadline: a read sees the connection end (bounded wait).
+        for s in &mut slow {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut b = [0u8; 64];
+            match s.read(&mut b) {
+                Ok(0) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                other => panic!("a slow client was not cut at its deadline: {other:?}"),
+            }
+        }
+        // One address's flood: beyond its share, connections are closed at once; a scrape
+        // still gets through once the share frees.
+        let flood: Vec<TcpStream> = (0..MAX_CLIENTS_PER_ADDRESS + 4)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let mut closed = 0;
+        for s in &flood {
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let mut b = [0u8; 8];
+            if matches!((&*s).read(&mut b), Ok(0)) {
+                closed += 1;
+            }
+        }
+        assert!(
+            closed >= 4,
+            "only {closed} of the flood were closed at once"
+        );
+        drop(flood);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            if out.starts_with("HTTP/1.1 200 OK") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no scrape served after the flood"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     #[test]
