@@ -205,6 +205,10 @@ pub struct OfflineStats {
     pub unsupported_link: u64,
     /// Capture time skipped by `-I`, nanoseconds.
     pub collapsed_ns: u64,
+    /// Packets whose timestamp jumped more than [`MAX_PLAUSIBLE_GAP`] past the packets before
+    /// them (a damaged record): replayed at once, and the schedule goes on from the packets
+    /// around them instead of waiting for that far future.
+    pub damaged_timestamps: u64,
     /// Rounds that ended by the tail timeout with the consumer still busy.
     pub tail_timeouts: u32,
     /// Rounds that ended early at a truncated or corrupt part of the file.
@@ -323,6 +327,8 @@ struct Schedule {
     /// Capture time since the first matching packet, gaps longer than `-I` removed (ns).
     virtual_ns: u64,
     collapsed_ns: u64,
+    /// Records with an implausible forward jump (see [`OfflineStats::damaged_timestamps`]).
+    damaged: u64,
 }
 
 impl Schedule {
@@ -335,6 +341,7 @@ impl Schedule {
             latest_ts: 0,
             virtual_ns: 0,
             collapsed_ns: 0,
+            damaged: 0,
         }
     }
 
@@ -367,6 +374,16 @@ impl Schedule {
             return (now, unix);
         };
         let gap = ts_ns.saturating_sub(self.latest_ts);
+        if gap > MAX_PLAUSIBLE_GAP.as_nanos() as u64 {
+            // One damaged record must not stall the rest of the file for years: it goes out
+            // now and does not move the schedule.
+            self.damaged += 1;
+            let offset_ns = (self.virtual_ns as f64 / self.acceleration).round() as u64;
+            let due = start
+                .checked_add(Duration::from_nanos(offset_ns))
+                .unwrap_or(start);
+            return (due.max(now), start_unix.saturating_add(offset_ns));
+        }
         self.latest_ts = self.latest_ts.max(ts_ns);
         if self.idle_gap_ns.is_some_and(|limit| gap > limit) {
             self.collapsed_ns += gap;
@@ -381,6 +398,11 @@ impl Schedule {
         (due, start_unix.saturating_add(offset_ns))
     }
 }
+
+/// The longest forward jump between packets that is taken as real idle time (one day): a
+/// longer one is a damaged timestamp (see [`OfflineStats::damaged_timestamps`]); `-I` collapses
+/// shorter gaps.
+pub const MAX_PLAUSIBLE_GAP: Duration = Duration::from_secs(24 * 3600);
 
 fn unix_now_ns() -> u64 {
     SystemTime::now()
@@ -1158,6 +1180,7 @@ impl OfflineRx {
     pub fn offline_stats(&self) -> OfflineStats {
         let mut stats = self.stats;
         stats.collapsed_ns = self.schedule.collapsed_ns;
+        stats.damaged_timestamps = self.schedule.damaged;
         stats
     }
 
@@ -1167,8 +1190,8 @@ impl OfflineRx {
         let elapsed = (self.clock)().saturating_duration_since(self.replay_started);
         let mut line = format!(
             "offline replay complete: rounds={} packets={} read={} not-matching={} cut-short={} \
-             undecodable={} unsupported-link={} skipped-idle={:.3}s tail-timeouts={} \
-             stopped-early={} elapsed={:.3}s",
+             undecodable={} unsupported-link={} skipped-idle={:.3}s damaged-timestamps={} \
+             tail-timeouts={} stopped-early={} elapsed={:.3}s",
             s.rounds,
             s.packets,
             s.read,
@@ -1177,6 +1200,7 @@ impl OfflineRx {
             s.undecodable,
             s.unsupported_link,
             s.collapsed_ns as f64 / 1e9,
+            s.damaged_timestamps,
             s.tail_timeouts,
             s.stopped_early,
             elapsed.as_secs_f64(),
@@ -1834,6 +1858,35 @@ mod tests {
         assert_eq!(stats.not_matching, 1);
         // The gap is collapsed once, in capture time, whatever -a is.
         assert_eq!(run(2.0, Some(ms(1000))).0, vec![0, 50, 50, 50, 200]);
+    }
+
+    #[test]
+    fn one_far_future_timestamp_does_not_stall_the_rest() {
+        let dir = temp_dir();
+        let frame = ethernet(&ip_packet(40000, 80, 1));
+        let ms = Duration::from_millis;
+        // Microsecond pcap timestamps are 32-bit seconds: 40 years ahead still fits.
+        let far = ms(10_000) + Duration::from_secs(40 * 365 * 24 * 3600);
+        let path = pcap_of(
+            &dir,
+            "damaged.pcap",
+            &[
+                (ms(10_000), frame.clone()),
+                (ms(10_100), frame.clone()),
+                (far, frame.clone()), // a damaged record, 40 years ahead
+                (ms(10_300), frame.clone()),
+                (ms(10_400), frame.clone()),
+            ],
+        );
+        let clock = VirtualClock::new();
+        let mut port = OfflineRx::open_with_clock(&config(&path), clock.clock()).unwrap();
+        let times: Vec<u64> = replay(&mut port, &clock)
+            .iter()
+            .map(|(t, _)| t.as_millis() as u64)
+            .collect();
+        assert_eq!(times, vec![0, 100, 100, 300, 400]);
+        assert_eq!(port.offline_stats().damaged_timestamps, 1);
+        assert!(port.summary().contains("damaged-timestamps=1"));
     }
 
     #[test]
