@@ -4,10 +4,11 @@
 #   lab.sh up     [PREFIX]      create the lab (fails if any of its namespaces exists)
 #   lab.sh down   [PREFIX]      kill every process in the lab's namespaces, delete them (no-op if absent)
 #   lab.sh status [PREFIX]      show one lab (or, without PREFIX, every lab found)
-#   lab.sh exec   HOST cmd...   run cmd in ${LAB_PREFIX:-tcr-}HOST (HOST: client|online|target|assistant|br)
+#   lab.sh exec   HOST cmd...   run cmd in ${LAB_PREFIX:-tcr-}HOST (HOST: client|online|online2|target|assistant|br)
 #
 # PREFIX defaults to $LAB_PREFIX or "tcr-". Namespaces: ${PREFIX}client, ${PREFIX}online,
-# ${PREFIX}target, ${PREFIX}assistant and ${PREFIX}br (the bridge lives there).
+# ${PREFIX}target, ${PREFIX}assistant and ${PREFIX}br (the bridge lives there); with
+# LAB_ONLINE2=on, `up` adds a second online host, ${PREFIX}online2 (`down` removes it if present).
 #
 # Topology (one /24 LAN on bridge br0 in ${PREFIX}br, one veth per host, named eth0 inside the host and
 # after the host inside ${PREFIX}br; veths are created directly inside the namespaces, so nothing is
@@ -15,6 +16,8 @@
 #
 #   client    10.77.0.10  02:77:00:00:00:0a
 #   online    10.77.0.20  02:77:00:00:00:14   nginx :80, tcpcopy captures here
+#   online2   10.77.0.21  02:77:00:00:00:15   only with LAB_ONLINE2=on: a second online server (its
+#                                             own nginx :80 and tcpcopy; same clients, same target)
 #   target    10.77.0.30  02:77:00:00:00:1e   nginx :8080, labserver :8081
 #                         route 10.77.0.10/32 via 10.77.0.40, route 10.9.9.0/24 via 10.77.0.40
 #   assistant 10.77.0.40  02:77:00:00:00:28   intercept :36524, net.ipv4.ip_forward=0
@@ -25,9 +28,12 @@
 set -euo pipefail
 
 HOSTS=(client online target assistant)
-declare -A ADDR=([client]=10.77.0.10 [online]=10.77.0.20 [target]=10.77.0.30 [assistant]=10.77.0.40)
-declare -A MAC=([client]=02:77:00:00:00:0a [online]=02:77:00:00:00:14 [target]=02:77:00:00:00:1e
-    [assistant]=02:77:00:00:00:28)
+# Every host a lab may have (online2 only with LAB_ONLINE2=on), for down and status.
+ALL_HOSTS=(client online online2 target assistant)
+declare -A ADDR=([client]=10.77.0.10 [online]=10.77.0.20 [online2]=10.77.0.21 [target]=10.77.0.30
+    [assistant]=10.77.0.40)
+declare -A MAC=([client]=02:77:00:00:00:0a [online]=02:77:00:00:00:14 [online2]=02:77:00:00:00:15
+    [target]=02:77:00:00:00:1e [assistant]=02:77:00:00:00:28)
 PREFIX_LEN=24
 CLIENT_RANGE=10.9.9.0/24
 IFACE=eth0
@@ -47,7 +53,7 @@ check_prefix() {
 
 ns_exists() { [ -e "/run/netns/$1" ]; }
 
-lab_namespaces() { local p=$1; echo "${p}client ${p}online ${p}target ${p}assistant ${p}br"; }
+lab_namespaces() { local p=$1; echo "${p}client ${p}online ${p}online2 ${p}target ${p}assistant ${p}br"; }
 
 # Kill every process in namespace $1: SIGTERM, wait up to ~2 s, then SIGKILL, wait up to ~2 s more.
 kill_ns_processes() {
@@ -99,6 +105,11 @@ offloads() { # ns dev
 cmd_up() {
     local p=$1 ns h other br="${p}br"
     command -v ethtool >/dev/null || die "ethtool not found; install it (scripts/setup.sh)"
+    case "${LAB_ONLINE2:-off}" in
+        on) HOSTS=(client online online2 target assistant) ;;
+        off) ;;
+        *) die "LAB_ONLINE2 must be on or off, not '${LAB_ONLINE2}'" ;;
+    esac
     for ns in $(lab_namespaces "$p"); do
         ns_exists "$ns" && die "namespace $ns already exists: lab '${p}' is up (run: $0 down ${p})"
     done
@@ -148,14 +159,16 @@ cmd_up() {
         done
     done
     trap - ERR
-    say "lab '${p}' is up (offloads ${LAB_OFFLOADS:-off}): $(lab_namespaces "$p")"
+    say "lab '${p}' is up (offloads ${LAB_OFFLOADS:-off}): $(printf "${p}%s " "${HOSTS[@]}")${br}"
 }
 
 status_one() {
     local p=$1 ns h pids
     echo "lab '${p}':"
-    for h in "${HOSTS[@]}" br; do
+    for h in "${ALL_HOSTS[@]}" br; do
         ns="${p}$h"
+        # The second online host is optional.
+        if [ "$h" = online2 ] && ! ns_exists "$ns"; then continue; fi
         if ! ns_exists "$ns"; then
             echo "  $ns: missing"
             continue
@@ -212,10 +225,10 @@ main() {
             ;;
         exec)
             require_root "$cmd" "$@"
-            [ $# -ge 2 ] || die "usage: $0 exec HOST cmd... (HOST: client|online|target|assistant|br)"
+            [ $# -ge 2 ] || die "usage: $0 exec HOST cmd... (HOST: client|online|online2|target|assistant|br)"
             local h=$1 p=${LAB_PREFIX:-tcr-}
             shift
-            case "$h" in client | online | target | assistant | br) ;; *) die "unknown host '$h'" ;; esac
+            case "$h" in client | online | online2 | target | assistant | br) ;; *) die "unknown host '$h'" ;; esac
             check_prefix "$p"
             ns_exists "${p}$h" || die "namespace ${p}$h does not exist (run: $0 up ${p})"
             exec ip netns exec "${p}$h" "$@"

@@ -5,7 +5,8 @@
 //! Each test uses its own state folder and mount point (`HUGEPAGES_STATE_DIR`,
 //! `HUGEPAGES_MOUNT`), so a reservation made for the whole test run (scripts/test.sh) is never
 //! touched; reservations ask for the current count plus a few pages, so the page count really
-//! changes. Needs root; without it the tests print a note and pass, unless `CI=true`.
+//! changes. Needs root; without it the tests print a note and pass, unless `CI=true`, where
+//! they fail.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -169,6 +170,10 @@ fn reserve_status_release_round_trip() {
     assert!(text(&out).contains("nothing to release"), "{}", text(&out));
 }
 
+/// Per-node reservations round-trip on NUMA node 0. A machine without per-node counters for
+/// node 0 tests what it can instead: `--node 0` is refused there (exit 2, named) and changes
+/// nothing, and `status` reports the global 2 MiB count and no node. Either way a node that
+/// does not exist is refused.
 #[test]
 fn per_node_reservation_round_trips() {
     if !can_run("per_node_reservation_round_trips") {
@@ -176,12 +181,22 @@ fn per_node_reservation_round_trips() {
     }
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let node_nr = "/sys/devices/system/node/node0/hugepages/hugepages-2048kB/nr_hugepages";
+    let private = Private::new("node");
     let Ok(before) = std::fs::read_to_string(node_nr) else {
-        eprintln!("note: no NUMA node 0 hugepage counters here; per-node path not tested");
+        eprintln!("note: no NUMA node 0 hugepage counters here; testing the refusal instead");
+        assert_node_refused(&private, 0);
+        let status = private.run(&["status"]);
+        assert!(status.status.success(), "{}", text(&status));
+        let status = text(&status);
+        assert!(
+            status.contains(&format!("2048 kB pages: total {}", nr_2m())),
+            "{status}"
+        );
+        assert!(!status.contains("node 0:"), "{status}");
+        assert_node_refused(&private, 4096);
         return;
     };
     let before: u64 = before.trim().parse().unwrap();
-    let private = Private::new("node");
     let mounts_before = hugetlbfs_mounts();
     let out = private.run(&["reserve", &(before + 4).to_string(), "--node", "0"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -192,6 +207,12 @@ fn per_node_reservation_round_trips() {
         .parse()
         .unwrap();
     assert_eq!(now, before + 4);
+    let status = private.run(&["status"]);
+    assert!(
+        text(&status).contains(&format!("node 0: total {now}")),
+        "{}",
+        text(&status)
+    );
     let out = private.run(&["release"]);
     assert!(out.status.success(), "{}", text(&out));
     let after: u64 = std::fs::read_to_string(node_nr)
@@ -202,13 +223,24 @@ fn per_node_reservation_round_trips() {
     assert_eq!(after, before);
     assert_eq!(hugetlbfs_mounts(), mounts_before);
 
-    let out = private.run(&["reserve", "4", "--node", "4096"]);
+    assert_node_refused(&private, 4096);
+}
+
+/// `reserve 4 --node NODE` exits 2 naming the problem (no such node, or no 2 MiB counter on
+/// it) and changes nothing: page count, mounts, state folder.
+fn assert_node_refused(private: &Private, node: u32) {
+    let (nr_before, mounts_before) = (nr_2m(), hugetlbfs_mounts());
+    let out = private.run(&["reserve", "4", "--node", &node.to_string()]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(
-        text(&out).contains("NUMA node 4096 does not exist"),
-        "{}",
-        text(&out)
-    );
+    let why = if std::path::Path::new(&format!("/sys/devices/system/node/node{node}")).exists() {
+        "pages are not supported".to_string()
+    } else {
+        format!("NUMA node {node} does not exist")
+    };
+    assert!(text(&out).contains(&why), "{}", text(&out));
+    assert_eq!(nr_2m(), nr_before);
+    assert_eq!(hugetlbfs_mounts(), mounts_before);
+    assert!(!private.state_dir.exists());
 }
 
 #[test]
@@ -253,6 +285,10 @@ fn refusals_are_clear_and_change_nothing() {
         assert_eq!(out.status.code(), Some(2), "{}", text(&out));
         assert!(text(&out).contains("must run as root"), "{}", text(&out));
     } else {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "setpriv missing (util-linux) under CI=true: the not-root refusal cannot be tested"
+        );
         eprintln!("note: setpriv missing (util-linux); the not-root refusal is not tested");
     }
     let _ = std::fs::remove_file(&copy);

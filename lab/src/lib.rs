@@ -9,7 +9,9 @@
 //! ```
 //!
 //! Every host has one interface, [`IFACE`] (`eth0`), permanent neighbour entries for the others,
-//! rp_filter 0 and IPv6 disabled; offloads are off unless [`LabConfig::offloads`] is set.
+//! rp_filter 0 and IPv6 disabled; offloads are off unless [`LabConfig::offloads`] is set. With
+//! [`LabConfig::second_online`] the lab has a fifth host, [`Host::Online2`] (10.77.0.21), a second
+//! online server on the same bridge (the same clients reach it; the target needs no new route).
 //!
 //! ```no_run
 //! use lab::{Host, Lab};
@@ -59,13 +61,18 @@ pub const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long [`Lab::nginx`] and [`Lab::labserver`] wait for their port to accept connections.
 pub const START_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// One of the four lab hosts.
+/// One of the lab hosts: the four every lab has, and [`Host::Online2`] when the lab was brought
+/// up with [`LabConfig::second_online`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Host {
     /// The real client, 10.77.0.10.
     Client,
     /// The online server, 10.77.0.20 (nginx :80; tcpcopy runs here).
     Online,
+    /// A second online server, 10.77.0.21; only in a lab brought up with
+    /// [`LabConfig::second_online`] (elsewhere its namespace does not exist and programs started
+    /// there fail to start).
+    Online2,
     /// The target server, 10.77.0.30 (nginx :8080, labserver :8081).
     Target,
     /// The assistant, 10.77.0.40 (intercept; receives the target's replies; ip_forward=0).
@@ -73,14 +80,16 @@ pub enum Host {
 }
 
 impl Host {
-    /// All hosts, in address order.
+    /// The four hosts every lab has, in address order (not [`Host::Online2`]).
     pub const ALL: [Host; 4] = [Host::Client, Host::Online, Host::Target, Host::Assistant];
 
-    /// Lower-case name, also the namespace suffix: `client`, `online`, `target`, `assistant`.
+    /// Lower-case name, also the namespace suffix: `client`, `online`, `online2`, `target`,
+    /// `assistant`.
     pub fn name(self) -> &'static str {
         match self {
             Host::Client => "client",
             Host::Online => "online",
+            Host::Online2 => "online2",
             Host::Target => "target",
             Host::Assistant => "assistant",
         }
@@ -100,6 +109,7 @@ impl Host {
         match self {
             Host::Client => 10,
             Host::Online => 20,
+            Host::Online2 => 21,
             Host::Target => 30,
             Host::Assistant => 40,
         }
@@ -113,6 +123,9 @@ pub struct LabConfig {
     pub offloads: bool,
     /// Namespace prefix; default: unique per process and lab (`tl<pid>x<n>-`).
     pub prefix: Option<String>,
+    /// Add a second online host, [`Host::Online2`] (10.77.0.21, `LAB_ONLINE2=on` for
+    /// `scripts/lab.sh up`), wired into the bridge like the others.
+    pub second_online: bool,
 }
 
 /// A running lab. `Drop` tears it down (kills every process in its namespaces, deletes them), also
@@ -293,8 +306,9 @@ fn run_bounded(
     Ok(output)
 }
 
-/// Runs `scripts/lab.sh ARGS` (bounded); fails with its output if it exits non-zero.
-fn lab_sh(args: &[&str], offloads: bool) -> anyhow::Result<String> {
+/// Runs `scripts/lab.sh ARGS` (bounded) with `LAB_OFFLOADS` and `LAB_ONLINE2` from `config`;
+/// fails with its output if it exits non-zero.
+fn lab_sh(args: &[&str], config: &LabConfig) -> anyhow::Result<String> {
     let script = lab_script();
     if !script.exists() {
         bail!(
@@ -304,7 +318,9 @@ fn lab_sh(args: &[&str], offloads: bool) -> anyhow::Result<String> {
     }
     let mut cmd = Command::new("bash");
     cmd.arg(&script).args(args);
-    cmd.env("LAB_OFFLOADS", if offloads { "on" } else { "off" });
+    let on_off = |on: bool| if on { "on" } else { "off" };
+    cmd.env("LAB_OFFLOADS", on_off(config.offloads));
+    cmd.env("LAB_ONLINE2", on_off(config.second_online));
     let out = run_bounded(
         &mut cmd,
         Duration::from_secs(60),
@@ -322,7 +338,7 @@ fn lab_sh(args: &[&str], offloads: bool) -> anyhow::Result<String> {
     Ok(text)
 }
 
-const NS_SUFFIXES: [&str; 5] = ["client", "online", "target", "assistant", "br"];
+const NS_SUFFIXES: [&str; 6] = ["client", "online", "online2", "target", "assistant", "br"];
 
 /// Tears down labs left behind by test processes that died without running `Drop` (prefix
 /// `tl<pid>x<n>-` whose pid is gone). Best effort.
@@ -352,7 +368,7 @@ fn sweep_stale_labs() {
     }
     for prefix in stale {
         eprintln!("lab: removing stale lab {prefix} (its test process is gone)");
-        let _ = lab_sh(&["down", &prefix], false);
+        let _ = lab_sh(&["down", &prefix], &LabConfig::default());
     }
 }
 
@@ -389,7 +405,7 @@ impl Lab {
             seq: AtomicU32::new(0),
             down: false,
         };
-        if let Err(e) = lab_sh(&["up", &lab.prefix], config.offloads) {
+        if let Err(e) = lab_sh(&["up", &lab.prefix], &config) {
             lab.down = true; // lab.sh cleans up after a failed up itself
             let _ = fs::remove_dir_all(&lab.dir);
             return Err(e);
@@ -626,9 +642,24 @@ impl Lab {
     /// # Errors
     /// If nginx is missing, exits, or does not listen within [`START_TIMEOUT`].
     pub fn nginx(&self, host: Host, port: u16) -> anyhow::Result<Nginx> {
+        self.nginx_at(host, SocketAddrV4::new(host.addr(), port))
+    }
+
+    /// [`Lab::nginx`] listening on `addr`, an address the test gave `host` besides its own (e.g.
+    /// on a VLAN interface it added). Its files are under `nginx-<host>-<port>` when `addr` is
+    /// the host's own address, else under `nginx-<host>-<ip>-<port>`.
+    ///
+    /// # Errors
+    /// As [`Lab::nginx`].
+    pub fn nginx_at(&self, host: Host, addr: SocketAddrV4) -> anyhow::Result<Nginx> {
         servers::check_nginx()?;
-        let addr = SocketAddrV4::new(host.addr(), port);
-        let dir = self.dir.join(format!("nginx-{}-{port}", host.name()));
+        let port = addr.port();
+        let dir = if *addr.ip() == host.addr() {
+            self.dir.join(format!("nginx-{}-{port}", host.name()))
+        } else {
+            self.dir
+                .join(format!("nginx-{}-{}-{port}", host.name(), addr.ip()))
+        };
         let conf = Nginx::prepare(&dir, addr)?;
         let args = [
             OsStr::new("-p"),
@@ -730,6 +761,31 @@ impl Lab {
         parse_net_dev(&text, IFACE).with_context(|| format!("no {IFACE} in {}", self.ns(host)))
     }
 
+    /// Processes in `host`'s network namespace (`ip netns pids`), e.g. to find a daemon that
+    /// detached from the process the test started.
+    ///
+    /// # Errors
+    /// If `ip netns pids` fails (the namespace does not exist).
+    pub fn pids(&self, host: Host) -> anyhow::Result<Vec<u32>> {
+        let out = run_bounded(
+            Command::new("ip").args(["netns", "pids", &self.ns(host)]),
+            Duration::from_secs(10),
+            &self.dir,
+            "netns-pids",
+        )?;
+        if !out.status.success() {
+            bail!(
+                "ip netns pids {} failed: {}",
+                self.ns(host),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(|p| p.parse().with_context(|| format!("bad pid {p:?}")))
+            .collect()
+    }
+
     /// Namespaces currently present whose name starts with this lab's prefix.
     pub fn namespaces(&self) -> Vec<String> {
         namespaces_with_prefix(&self.prefix)
@@ -744,7 +800,7 @@ impl Lab {
             return Ok(());
         }
         self.down = true;
-        lab_sh(&["down", &self.prefix], false)?;
+        lab_sh(&["down", &self.prefix], &LabConfig::default())?;
         let keep = std::thread::panicking() || std::env::var("LAB_KEEP").is_ok_and(|v| v == "1");
         if keep {
             eprintln!("lab {}: logs kept in {}", self.prefix, self.dir.display());
@@ -818,6 +874,9 @@ mod tests {
             Host::ALL.map(Host::name),
             ["client", "online", "target", "assistant"]
         );
+        assert_eq!(Host::Online2.addr(), Ipv4Addr::new(10, 77, 0, 21));
+        assert_eq!(Host::Online2.mac(), [2, 0x77, 0, 0, 0, 21]);
+        assert_eq!(Host::Online2.name(), "online2");
     }
 
     #[test]

@@ -315,6 +315,57 @@ fn down_kills_leftover_processes_and_removes_every_namespace() {
     drop(online);
 }
 
+/// `LabConfig::second_online`: a fifth host, online2 (10.77.0.21), on the bridge with neighbour
+/// entries both ways: the client reaches its nginx, it reaches the target, `Lab::pids` lists what
+/// runs there, and teardown kills that and removes its namespace.
+#[test]
+fn second_online_host_is_wired_in_and_torn_down() {
+    if !require_root() {
+        return;
+    }
+    let mut lab = Lab::up_with(LabConfig {
+        second_online: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let prefix = lab.prefix().to_string();
+    assert_eq!(lab.namespaces().len(), 6);
+    assert!(lab.namespaces().contains(&lab.ns(Host::Online2)));
+    let mut online2 = lab.nginx(Host::Online2, 80).unwrap();
+    let target = lab.nginx(Host::Target, 8080).unwrap();
+    let r = lab
+        .httpload(
+            Host::Client,
+            &[
+                "--target",
+                "10.77.0.21:80",
+                "--requests",
+                "50",
+                "--tag",
+                "o2",
+            ],
+        )
+        .unwrap();
+    assert!(r.all_ok(), "{r:?}");
+    assert_eq!(online2.wait_count(50, Duration::from_secs(10)), 50);
+    assert_eq!(
+        online2.paths().into_iter().collect::<BTreeSet<_>>(),
+        expected_paths("o2", 50)
+    );
+    assert!(online2
+        .entries()
+        .iter()
+        .all(|e| *e.peer.ip() == Host::Client.addr()));
+    lab.wait_port(Host::Online2, target.addr(), Duration::from_secs(10))
+        .unwrap();
+    let pid = online2.proc().pid();
+    assert_eq!(lab.pids(Host::Online2).unwrap(), vec![pid]);
+    assert!(!lab.pids(Host::Online).unwrap().contains(&pid));
+    lab.down().unwrap();
+    assert!(online2.proc().wait_exit(Duration::from_secs(5)).is_ok());
+    assert!(lab::namespaces_with_prefix(&prefix).is_empty());
+}
+
 #[test]
 fn a_panicking_test_still_tears_its_lab_down() {
     if !require_root() {

@@ -51,12 +51,22 @@ pub fn start_tcpcopy_to(lab: &Lab, transfer: &str, extra: &[&str]) -> Proc {
         "1",
     ];
     args.extend_from_slice(extra);
-    let mut tcpcopy = lab
-        .spawn(Host::Online, TCPCOPY, &args)
-        .expect("start tcpcopy");
+    start_tcpcopy_with(lab, Host::Online, &args)
+}
+
+/// Starts tcpcopy in `host` with exactly `args` (no `-i` added) and waits until it is
+/// connected to intercept.
+pub fn start_tcpcopy_with(lab: &Lab, host: Host, args: &[&str]) -> Proc {
+    let mut tcpcopy = lab.spawn(host, TCPCOPY, args).expect("start tcpcopy");
     tcpcopy
         .wait_for_log("connected to intercept", Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("tcpcopy did not connect: {e:#}\n{}", tcpcopy.log()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "tcpcopy {args:?} on {} did not connect: {e:#}\n{}",
+                host.name(),
+                tcpcopy.log()
+            )
+        });
     tcpcopy
 }
 
