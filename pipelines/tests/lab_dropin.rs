@@ -436,9 +436,8 @@ fn two_online_hosts_into_one_target() {
     let tcpcopy2 = start_tcpcopy_with(
         &lab,
         Host::Online2,
+        // The usage notes' form: no -i (the first online host's tcpcopy has -i eth0).
         &[
-            "-i",
-            "eth0",
             "-x",
             "80-10.77.0.30:8080",
             "-s",
