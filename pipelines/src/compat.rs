@@ -53,6 +53,71 @@ impl Warnings {
     }
 }
 
+/// Addresses and networks (`10.0.0.5`, `10.0.0.0/24`, `fd00::/8`): intercept's `--allow`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowList {
+    networks: Vec<(std::net::IpAddr, u8)>,
+}
+
+impl AllowList {
+    /// Parses a comma list of addresses and networks.
+    ///
+    /// # Errors
+    /// An item that is neither; the message shows the form.
+    pub fn parse(text: &str) -> anyhow::Result<AllowList> {
+        let bad = |item: &str| {
+            anyhow::anyhow!(
+                "bad --allow value '{text}': '{item}' is not an address or a network; the form is IP[/bits][,...], e.g. --allow 10.0.0.20,10.0.1.0/24"
+            )
+        };
+        let mut networks = Vec::new();
+        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (address, bits) = match item.split_once('/') {
+                Some((a, b)) => (a, Some(b)),
+                None => (item, None),
+            };
+            let address: std::net::IpAddr = address.parse().map_err(|_| bad(item))?;
+            let max = if address.is_ipv4() { 32 } else { 128 };
+            let bits = match bits {
+                Some(b) => b
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|&b| b <= max)
+                    .ok_or_else(|| bad(item))?,
+                None => max,
+            };
+            networks.push((address, bits));
+        }
+        if networks.is_empty() {
+            return Err(bad(text));
+        }
+        Ok(AllowList { networks })
+    }
+
+    /// True when `address` is on the list.
+    pub fn allows(&self, address: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        // An IPv4 peer may show as an IPv4-mapped IPv6 address on a dual-stack socket.
+        let address = match address {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
+            v4 => v4,
+        };
+        self.networks
+            .iter()
+            .any(|&(network, bits)| match (network, address) {
+                (IpAddr::V4(n), IpAddr::V4(a)) => {
+                    let mask = u32::MAX.checked_shl(32 - u32::from(bits)).unwrap_or(0);
+                    u32::from(n) & mask == u32::from(a) & mask
+                }
+                (IpAddr::V6(n), IpAddr::V6(a)) => {
+                    let mask = u128::MAX.checked_shl(128 - u32::from(bits)).unwrap_or(0);
+                    u128::from(n) & mask == u128::from(a) & mask
+                }
+                _ => false,
+            })
+    }
+}
+
 /// True when a `-i` value names a capture file rather than interfaces: an existing regular
 /// file that is not also the name of an interface (the C `--offline` build's `-i FILE`).
 pub fn is_capture_file(value: &str) -> bool {
@@ -105,6 +170,24 @@ mod tests {
             e,
             "bad -t value 18446744073709551615: the session timeout must be 0..=31536000, e.g. -t 600"
         );
+    }
+
+    #[test]
+    fn allow_lists_match_addresses_and_networks() {
+        let a = AllowList::parse("10.77.0.20, 10.78.0.0/16,fd00::/8").unwrap();
+        for yes in ["10.77.0.20", "10.78.3.4", "fd00::1", "::ffff:10.77.0.20"] {
+            assert!(a.allows(yes.parse().unwrap()), "{yes}");
+        }
+        for no in ["10.77.0.21", "10.79.0.1", "fe80::1", "127.0.0.1"] {
+            assert!(!a.allows(no.parse().unwrap()), "{no}");
+        }
+        assert!(AllowList::parse("0.0.0.0/0")
+            .unwrap()
+            .allows("1.2.3.4".parse().unwrap()));
+        for bad in ["", "10.0.0", "10.0.0.0/33", "x", "10.0.0.1/-1"] {
+            let e = AllowList::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("bad --allow value"), "{e}");
+        }
     }
 
     #[test]

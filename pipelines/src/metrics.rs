@@ -311,6 +311,10 @@ pub fn intercept_fields(s: &InterceptStats) -> Vec<Field> {
         Counter connections: "tcpcopy connections accepted.",
         Counter disconnections: "tcpcopy connections lost.",
         Counter single_refused: "--single: connections refused or replaced by the generation rule.",
+        Counter peers_refused: "Control connections refused: address not on --allow.",
+        Counter routes_foreign: "CLIENT_ADDs refused: the route belongs to a tcpcopy at another address.",
+        Counter removals_foreign: "CLIENT_DELs ignored: the route belongs to a tcpcopy at another address.",
+        Counter routes_owner_full: "CLIENT_ADDs refused: the address holds its share of the route table.",
         Gauge routes: "Routes in the table (the largest replica).",
     )
 }

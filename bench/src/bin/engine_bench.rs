@@ -556,8 +556,9 @@ fn scaling(workers: usize, sessions: usize, packets: u64) -> (f64, Vec<f64>) {
 fn intercept(flows: usize, records: u64, format: RecordFormat, payload: usize) -> (u64, Duration) {
     let now = Instant::now();
     let mut routes = RouteTable::new(Duration::from_secs(3600), flows * 2);
+    let owner: std::net::IpAddr = std::net::Ipv4Addr::new(10, 77, 0, 20).into();
     for s in 0..flows {
-        routes.insert(key(s), ConnId::from_parts((s % 4) as u32, 1), now);
+        routes.insert(key(s), ConnId::from_parts((s % 4) as u32, 1), owner, now);
     }
     // A reply of the target to session `s`: target -> client.
     let repr = TcpRepr {

@@ -30,17 +30,18 @@ use std::time::{Duration, Instant};
 
 use crossbeam::queue::ArrayQueue;
 
-use crate::control::route::{DelayQueue, RouteTable};
+use crate::control::route::{DelayQueue, Owner, RouteTable};
 use crate::control::server::ConnId;
 use crate::flow::FlowKey;
 
 /// One change of the routes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteUpdate {
-    /// `CLIENT_ADD`: route `key` to the connection (and release what waits for it).
-    Add(FlowKey, ConnId),
-    /// `CLIENT_DEL`: forget the route of `key`.
-    Remove(FlowKey),
+    /// `CLIENT_ADD` from a connection of `Owner`'s: route `key` to the connection (and release
+    /// what waits for it), unless the route belongs to another owner (see [`RouteTable`]).
+    Add(FlowKey, ConnId, Owner),
+    /// `CLIENT_DEL` from `Owner`: forget the route of `key` if it is the owner's.
+    Remove(FlowKey, Owner),
     /// The connection is gone: forget its routes.
     RemoveConn(ConnId),
 }
@@ -213,8 +214,10 @@ impl RouteReplica {
         while let Some(update) = self.ring.pop() {
             n += 1;
             match update {
-                RouteUpdate::Add(key, conn) => {
-                    self.table.insert(key, conn, now);
+                RouteUpdate::Add(key, conn, owner) => {
+                    if !self.table.insert(key, conn, owner, now).routed() {
+                        continue;
+                    }
                     if !self.delay.is_empty() {
                         for record in self.delay.take(&key) {
                             self.stats.released += 1;
@@ -222,8 +225,8 @@ impl RouteReplica {
                         }
                     }
                 }
-                RouteUpdate::Remove(key) => {
-                    self.table.remove(&key);
+                RouteUpdate::Remove(key, owner) => {
+                    self.table.remove(&key, owner);
                 }
                 RouteUpdate::RemoveConn(conn) => {
                     self.table.remove_conn(conn);
@@ -244,8 +247,10 @@ impl RouteReplica {
         self.delay.push(key, record, now)
     }
 
-    /// Forgets idle routes (looking at most at `budget` of them) and expired delayed records.
-    pub fn expire(&mut self, now: Instant, budget: usize) {
+    /// Forgets idle routes (looking at most at `budget` of them; `None`: the table's
+    /// [`RouteTable::expire_budget`]) and expired delayed records.
+    pub fn expire(&mut self, now: Instant, budget: Option<usize>) {
+        let budget = budget.unwrap_or_else(|| self.table.expire_budget());
         self.table.expire(now, budget);
         self.delay.expire(now);
     }
@@ -254,6 +259,8 @@ impl RouteReplica {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const OWNER: Owner = std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 77, 0, 20));
     use std::net::SocketAddrV4;
 
     fn key(port: u16) -> FlowKey {
@@ -271,12 +278,12 @@ mod tests {
     fn updates_reach_every_replica_in_order() {
         let t0 = Instant::now();
         let (mut feed, mut reps) = RouteFeed::new(3, &ReplicaConfig::default());
-        feed.publish(RouteUpdate::Add(key(1), conn(1)));
-        feed.publish(RouteUpdate::Add(key(2), conn(2)));
-        feed.publish(RouteUpdate::Remove(key(1)));
-        feed.publish(RouteUpdate::Add(key(3), conn(2)));
+        feed.publish(RouteUpdate::Add(key(1), conn(1), OWNER));
+        feed.publish(RouteUpdate::Add(key(2), conn(2), OWNER));
+        feed.publish(RouteUpdate::Remove(key(1), OWNER));
+        feed.publish(RouteUpdate::Add(key(3), conn(2), OWNER));
         feed.publish(RouteUpdate::RemoveConn(conn(2)));
-        feed.publish(RouteUpdate::Add(key(1), conn(3)));
+        feed.publish(RouteUpdate::Add(key(1), conn(3), OWNER));
         for r in &mut reps {
             assert!(r.has_updates());
             assert_eq!(r.sync(t0, &mut |_, _| panic!("nothing delayed")), 6);
@@ -295,7 +302,7 @@ mod tests {
         assert_eq!(reps[0].route(&key(1), t0), None);
         assert!(reps[0].delay(key(1), &[1; 64], t0));
         assert!(reps[0].delay(key(1), &[2; 64], t0));
-        feed.publish(RouteUpdate::Add(key(1), conn(7)));
+        feed.publish(RouteUpdate::Add(key(1), conn(7), OWNER));
         let mut released = Vec::new();
         reps[0].sync(t0, &mut |c, r| released.push((c, r[0])));
         assert_eq!(released, vec![(conn(7), 1), (conn(7), 2)]);
@@ -314,9 +321,9 @@ mod tests {
         };
         let (mut feed, mut reps) = RouteFeed::new(1, &config);
         for p in 0..12 {
-            feed.publish(RouteUpdate::Add(key(p), conn(1)));
+            feed.publish(RouteUpdate::Add(key(p), conn(1), OWNER));
         }
-        feed.publish(RouteUpdate::Remove(key(11)));
+        feed.publish(RouteUpdate::Remove(key(11), OWNER));
         assert_eq!(feed.stats().deferred, 8);
         assert_eq!(feed.stats().dropped, 1); // the Remove did not fit
         let mut total = 0;
@@ -357,9 +364,9 @@ mod tests {
             })
             .collect();
         for p in 0..20_000u16 {
-            feed.publish(RouteUpdate::Add(key(p), conn(u32::from(p % 4))));
+            feed.publish(RouteUpdate::Add(key(p), conn(u32::from(p % 4)), OWNER));
             if p % 2 == 0 {
-                feed.publish(RouteUpdate::Remove(key(p)));
+                feed.publish(RouteUpdate::Remove(key(p), OWNER));
             }
             feed.retry();
         }

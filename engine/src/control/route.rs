@@ -9,7 +9,8 @@
 //! Both are bounded and count what they shed. For `--dnat` the caller zeroes the target IP of
 //! keys on both sides (messages and responses) before using them here.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::control::server::ConnId;
@@ -31,7 +32,7 @@ pub const DEFAULT_DELAY_MAX_RECORDS: usize = 4;
 pub struct RouteStats {
     /// New routes inserted.
     pub added: u64,
-    /// Inserts that re-pointed an existing route.
+    /// Inserts that re-pointed an existing route (its owner's address reconnected).
     pub updated: u64,
     /// Routes removed by `remove` or `remove_conn`.
     pub removed: u64,
@@ -39,20 +40,64 @@ pub struct RouteStats {
     pub expired: u64,
     /// Inserts refused because the table was full.
     pub overflows: u64,
+    /// Inserts refused because the route belongs to a tcpcopy at another address.
+    pub refused_foreign: u64,
+    /// Removals refused because the route belongs to a tcpcopy at another address.
+    pub refused_removals: u64,
+    /// Inserts refused because the address holds its share of the table already.
+    pub refused_owner_full: u64,
     /// Lookups that found a route.
     pub hits: u64,
     /// Lookups that found none.
     pub misses: u64,
 }
 
+/// Who a route belongs to: the address of the tcpcopy whose connection added it.
+pub type Owner = IpAddr;
+
+/// What [`RouteTable::insert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Insert {
+    /// A new route.
+    Added,
+    /// The route existed for the same owner (a reconnected or restarted tcpcopy at the same
+    /// address, or its next `CLIENT_ADD`): now through this connection.
+    Repointed,
+    /// The route belongs to a live connection of another address: left as it is.
+    Foreign,
+    /// The owner holds its share of the table ([`RouteTable::max_per_owner`]).
+    OwnerFull,
+    /// The table is full.
+    Full,
+}
+
+impl Insert {
+    /// True when the route now leads to the connection.
+    pub fn routed(self) -> bool {
+        matches!(self, Insert::Added | Insert::Repointed)
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Route {
     conn: ConnId,
+    owner: Owner,
     last_used: Instant,
     stamp: u64,
 }
 
-/// FlowKey → tcpcopy connection, with idle expiry.
+/// FlowKey → tcpcopy connection, with idle expiry and ownership.
+///
+/// Ownership: a route belongs to the address of the tcpcopy that added it. Another address's
+/// `CLIENT_ADD` for a live route is refused and its `CLIENT_DEL` ignored (both counted), so a
+/// peer that can reach intercept's port cannot take or delete another tcpcopy's routes; the
+/// same address may re-point its routes (a tcpcopy that reconnected or restarted). One address
+/// holds at most [`max_per_owner`](Self::max_per_owner) routes (half the table by default).
+///
+/// A lost connection costs O(1): its id goes on a list of dead connections and its routes
+/// (counted per connection) stop counting at once; each is dropped when a lookup, an insert or
+/// the expiry next meets it. Connection ids are never reused, so a dead route cannot reach a
+/// newer connection.
 #[derive(Debug)]
 pub struct RouteTable {
     map: HashMap<FlowKey, Route>,
@@ -60,7 +105,17 @@ pub struct RouteTable {
     queue: VecDeque<(FlowKey, u64, Instant)>,
     idle: Duration,
     max_routes: usize,
+    max_per_owner: usize,
     next_stamp: u64,
+    /// Routes per connection (live and dead connections), and the connection's owner (a
+    /// connection has one peer address).
+    per_conn: HashMap<ConnId, (usize, Owner)>,
+    /// Routes per owner (live routes only).
+    per_owner: HashMap<Owner, usize>,
+    /// Lost connections whose routes are still in `map`.
+    dead: HashSet<ConnId>,
+    /// Routes of dead connections still in `map`.
+    dead_routes: usize,
     stats: RouteStats,
 }
 
@@ -71,26 +126,43 @@ impl Default for RouteTable {
 }
 
 impl RouteTable {
-    /// A table forgetting routes unused for `idle_timeout`, holding at most `max_routes`.
+    /// A table forgetting routes unused for `idle_timeout`, holding at most `max_routes`, of
+    /// which one owner may hold half.
     pub fn new(idle_timeout: Duration, max_routes: usize) -> RouteTable {
+        let max_routes = max_routes.max(1);
         RouteTable {
             map: HashMap::new(),
             queue: VecDeque::new(),
             idle: idle_timeout,
-            max_routes: max_routes.max(1),
+            max_routes,
+            max_per_owner: max_routes.div_ceil(2),
             next_stamp: 0,
+            per_conn: HashMap::new(),
+            per_owner: HashMap::new(),
+            dead: HashSet::new(),
+            dead_routes: 0,
             stats: RouteStats::default(),
         }
     }
 
-    /// Routes held.
-    pub fn len(&self) -> usize {
-        self.map.len()
+    /// Sets the share of the table one owner may hold (at least 1).
+    pub fn set_max_per_owner(&mut self, routes: usize) {
+        self.max_per_owner = routes.max(1);
     }
 
-    /// Whether no route is held.
+    /// The share of the table one owner may hold.
+    pub fn max_per_owner(&self) -> usize {
+        self.max_per_owner
+    }
+
+    /// Live routes held.
+    pub fn len(&self) -> usize {
+        self.map.len() - self.dead_routes
+    }
+
+    /// Whether no live route is held.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
     }
 
     /// Counters.
@@ -98,18 +170,35 @@ impl RouteTable {
         self.stats
     }
 
-    /// Routes `key` to `conn` (a `CLIENT_ADD`); an existing route is re-pointed. `false` if
-    /// the table is full (counted in `overflows`).
-    pub fn insert(&mut self, key: FlowKey, conn: ConnId, now: Instant) -> bool {
-        if let Some(route) = self.map.get_mut(&key) {
-            route.conn = conn;
-            route.last_used = now;
-            self.stats.updated += 1;
-            return true;
+    /// Routes `key` to `conn` of `owner` (a `CLIENT_ADD`); see the type's docs for who may
+    /// re-point a route.
+    pub fn insert(&mut self, key: FlowKey, conn: ConnId, owner: Owner, now: Instant) -> Insert {
+        if let Some(route) = self.map.get(&key).copied() {
+            if self.dead.contains(&route.conn) {
+                self.drop_route(&key);
+            } else if route.owner != owner {
+                self.stats.refused_foreign += 1;
+                return Insert::Foreign;
+            } else {
+                if route.conn != conn {
+                    self.uncount_conn(route.conn);
+                    self.count_conn(conn, owner);
+                }
+                if let Some(route) = self.map.get_mut(&key) {
+                    route.conn = conn;
+                    route.last_used = now;
+                }
+                self.stats.updated += 1;
+                return Insert::Repointed;
+            }
         }
-        if self.map.len() >= self.max_routes {
+        if self.len() >= self.max_routes || self.map.len() >= 2 * self.max_routes {
             self.stats.overflows += 1;
-            return false;
+            return Insert::Full;
+        }
+        if self.per_owner.get(&owner).copied().unwrap_or(0) >= self.max_per_owner {
+            self.stats.refused_owner_full += 1;
+            return Insert::OwnerFull;
         }
         let stamp = self.next_stamp;
         self.next_stamp += 1;
@@ -117,57 +206,97 @@ impl RouteTable {
             key,
             Route {
                 conn,
+                owner,
                 last_used: now,
                 stamp,
             },
         );
+        self.count_conn(conn, owner);
+        *self.per_owner.entry(owner).or_default() += 1;
         self.queue.push_back((key, stamp, now));
         self.stats.added += 1;
         self.compact_queue();
-        true
+        Insert::Added
     }
 
     /// The connection for `key` (a captured response), marking the route used at `now`.
     pub fn get(&mut self, key: &FlowKey, now: Instant) -> Option<ConnId> {
-        match self.map.get_mut(key) {
-            Some(route) => {
+        let conn = match self.map.get_mut(key) {
+            Some(route) if !self.dead.contains(&route.conn) => {
                 route.last_used = now;
-                self.stats.hits += 1;
                 Some(route.conn)
             }
-            None => {
-                self.stats.misses += 1;
+            Some(_) => {
+                self.drop_route(key);
                 None
             }
+            None => None,
+        };
+        match conn {
+            Some(_) => self.stats.hits += 1,
+            None => self.stats.misses += 1,
         }
+        conn
     }
 
     /// The connection for `key`, without touching the route or the counters.
     pub fn peek(&self, key: &FlowKey) -> Option<ConnId> {
-        self.map.get(key).map(|r| r.conn)
+        self.map
+            .get(key)
+            .filter(|r| !self.dead.contains(&r.conn))
+            .map(|r| r.conn)
     }
 
-    /// Removes the route of `key` (a `CLIENT_DEL`).
-    pub fn remove(&mut self, key: &FlowKey) -> Option<ConnId> {
-        let removed = self.map.remove(key).map(|r| r.conn);
-        if removed.is_some() {
-            self.stats.removed += 1;
+    /// The owner of `key`'s route.
+    pub fn owner(&self, key: &FlowKey) -> Option<Owner> {
+        self.map
+            .get(key)
+            .filter(|r| !self.dead.contains(&r.conn))
+            .map(|r| r.owner)
+    }
+
+    /// Removes the route of `key` for `owner` (a `CLIENT_DEL`); another owner's route stays
+    /// (counted in `refused_removals`).
+    pub fn remove(&mut self, key: &FlowKey, owner: Owner) -> Option<ConnId> {
+        let route = self.map.get(key).copied()?;
+        if self.dead.contains(&route.conn) {
+            self.drop_route(key);
+            return None;
         }
-        removed
+        if route.owner != owner {
+            self.stats.refused_removals += 1;
+            return None;
+        }
+        self.drop_route(key);
+        self.stats.removed += 1;
+        Some(route.conn)
     }
 
-    /// Removes every route through `conn` (the connection was lost); returns how many.
+    /// Forgets every route through `conn` (the connection was lost) in O(1); returns how many.
     pub fn remove_conn(&mut self, conn: ConnId) -> usize {
-        let before = self.map.len();
-        self.map.retain(|_, r| r.conn != conn);
-        let n = before - self.map.len();
+        let Some(&(n, owner)) = self.per_conn.get(&conn) else {
+            return 0;
+        };
+        if !self.dead.insert(conn) {
+            return 0;
+        }
+        self.dead_routes += n;
         self.stats.removed += n as u64;
-        self.compact_queue();
+        // The owner's share frees at once: the routes no longer count.
+        if let Some(held) = self.per_owner.get_mut(&owner) {
+            *held = held.saturating_sub(n);
+            if *held == 0 {
+                self.per_owner.remove(&owner);
+            }
+        }
         n
     }
 
-    /// Forgets routes idle for the timeout at `now`, looking at no more than `budget` queue
-    /// entries; returns how many routes were forgotten. Call it regularly.
+    /// Forgets routes idle for the timeout at `now`, and routes of lost connections, looking at
+    /// no more than `budget` queue entries; returns how many idle routes were forgotten. Call
+    /// it regularly, with a budget that grows with the table (see [`expire_budget`]).
+    ///
+    /// [`expire_budget`]: Self::expire_budget
     pub fn expire(&mut self, now: Instant, budget: usize) -> usize {
         let mut expired = 0;
         for _ in 0..budget {
@@ -178,17 +307,21 @@ impl RouteTable {
                 .map
                 .get(&key)
                 .filter(|r| r.stamp == stamp)
-                .map(|r| r.last_used);
+                .map(|r| (r.last_used, r.conn));
             match live {
                 None => {
                     self.queue.pop_front();
                 }
-                Some(last_used) if now.saturating_duration_since(last_used) >= self.idle => {
+                Some((_, conn)) if self.dead.contains(&conn) => {
                     self.queue.pop_front();
-                    self.map.remove(&key);
+                    self.drop_route(&key);
+                }
+                Some((last_used, _)) if now.saturating_duration_since(last_used) >= self.idle => {
+                    self.queue.pop_front();
+                    self.drop_route(&key);
                     expired += 1;
                 }
-                Some(last_used) if last_used > queued => {
+                Some((last_used, _)) if last_used > queued => {
                     // Used since it was queued: requeue with its last use.
                     self.queue.pop_front();
                     self.queue.push_back((key, stamp, last_used));
@@ -198,6 +331,47 @@ impl RouteTable {
         }
         self.stats.expired += expired as u64;
         expired
+    }
+
+    /// A budget for [`expire`](Self::expire) called once a second that keeps up with any
+    /// rate of new routes: 4,096 entries, plus the whole queue over an eighth of the idle time.
+    pub fn expire_budget(&self) -> usize {
+        let idle_s = self.idle.as_secs().max(1) as usize;
+        4096 + self.queue.len() * 8 / idle_s
+    }
+
+    /// Removes `key`'s route from the map and every count (live or dead).
+    fn drop_route(&mut self, key: &FlowKey) {
+        let Some(route) = self.map.remove(key) else {
+            return;
+        };
+        let dead = self.dead.contains(&route.conn);
+        if dead {
+            self.dead_routes -= 1;
+        } else if let Some(n) = self.per_owner.get_mut(&route.owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_owner.remove(&route.owner);
+            }
+        }
+        self.uncount_conn(route.conn);
+    }
+
+    /// Counts a route of `conn` (whose peer is `owner`).
+    fn count_conn(&mut self, conn: ConnId, owner: Owner) {
+        self.per_conn.entry(conn).or_insert((0, owner)).0 += 1;
+    }
+
+    /// Counts a route of `conn` out; a dead connection leaves the dead list with its last
+    /// route.
+    fn uncount_conn(&mut self, conn: ConnId) {
+        if let Some((n, _)) = self.per_conn.get_mut(&conn) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_conn.remove(&conn);
+                self.dead.remove(&conn);
+            }
+        }
     }
 
     /// Drops queue entries of removed routes once they outnumber the live ones.
@@ -360,6 +534,10 @@ impl DelayQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The owner of most routes in these tests; `B` is another tcpcopy's address.
+    const A: Owner = IpAddr::V4(std::net::Ipv4Addr::new(10, 77, 0, 20));
+    const B: Owner = IpAddr::V4(std::net::Ipv4Addr::new(10, 77, 0, 66));
     use std::net::SocketAddrV4;
 
     fn key(port: u16) -> FlowKey {
@@ -377,14 +555,14 @@ mod tests {
     fn routes_insert_get_remove() {
         let t0 = Instant::now();
         let mut t = RouteTable::new(Duration::from_secs(120), 10);
-        assert!(t.insert(key(1), conn(1), t0));
-        assert!(t.insert(key(2), conn(2), t0));
+        assert!(t.insert(key(1), conn(1), A, t0).routed());
+        assert!(t.insert(key(2), conn(2), A, t0).routed());
         assert_eq!(t.get(&key(1), t0), Some(conn(1)));
         assert_eq!(t.get(&key(3), t0), None);
-        assert!(t.insert(key(1), conn(3), t0));
+        assert!(t.insert(key(1), conn(3), A, t0).routed());
         assert_eq!(t.peek(&key(1)), Some(conn(3)));
-        assert_eq!(t.remove(&key(2)), Some(conn(2)));
-        assert_eq!(t.remove(&key(2)), None);
+        assert_eq!(t.remove(&key(2), A), Some(conn(2)));
+        assert_eq!(t.remove(&key(2), A), None);
         assert_eq!(t.len(), 1);
         let s = t.stats();
         assert_eq!(
@@ -394,13 +572,78 @@ mod tests {
     }
 
     #[test]
+    fn a_route_belongs_to_the_address_that_added_it() {
+        let t0 = Instant::now();
+        let mut t = RouteTable::default();
+        assert_eq!(t.insert(key(1), conn(1), A, t0), Insert::Added);
+        // Another address can neither take it nor delete it.
+        assert_eq!(t.insert(key(1), conn(9), B, t0), Insert::Foreign);
+        assert_eq!(t.remove(&key(1), B), None);
+        assert_eq!(t.get(&key(1), t0), Some(conn(1)));
+        assert_eq!(t.owner(&key(1)), Some(A));
+        // The same address (a reconnected tcpcopy) re-points it, and may delete it.
+        assert_eq!(t.insert(key(1), conn(2), A, t0), Insert::Repointed);
+        assert_eq!(t.get(&key(1), t0), Some(conn(2)));
+        assert_eq!(t.remove(&key(1), A), Some(conn(2)));
+        // Once the owner is gone, the key is free for anyone.
+        assert_eq!(t.insert(key(2), conn(1), A, t0), Insert::Added);
+        assert_eq!(t.remove_conn(conn(1)), 1);
+        assert_eq!(t.insert(key(2), conn(9), B, t0), Insert::Added);
+        let s = t.stats();
+        assert_eq!((s.refused_foreign, s.refused_removals), (1, 1));
+    }
+
+    #[test]
+    fn one_owner_holds_at_most_its_share() {
+        let t0 = Instant::now();
+        let mut t = RouteTable::new(Duration::from_secs(120), 10);
+        assert_eq!(t.max_per_owner(), 5);
+        for p in 0..5 {
+            assert_eq!(t.insert(key(p), conn(1), B, t0), Insert::Added);
+        }
+        assert_eq!(t.insert(key(5), conn(2), B, t0), Insert::OwnerFull);
+        // Others still get routes.
+        for p in 10..15 {
+            assert_eq!(t.insert(key(p), conn(3), A, t0), Insert::Added);
+        }
+        assert_eq!(t.insert(key(20), conn(3), A, t0), Insert::Full);
+        assert_eq!(t.stats().refused_owner_full, 1);
+        // B's connection goes: its share frees at once.
+        t.remove_conn(conn(1));
+        assert_eq!(t.len(), 5);
+        assert_eq!(t.insert(key(5), conn(2), B, t0), Insert::Added);
+    }
+
+    #[test]
+    fn a_lost_connection_costs_o1_and_its_routes_go_lazily() {
+        let t0 = Instant::now();
+        let mut t = RouteTable::new(Duration::from_secs(1), 100_000);
+        for p in 0..50_000u16 {
+            t.insert(key(p), conn(u32::from(p % 2)), A, t0);
+        }
+        assert_eq!(t.remove_conn(conn(0)), 25_000);
+        assert_eq!(t.remove_conn(conn(0)), 0, "once");
+        assert_eq!(t.len(), 25_000);
+        assert_eq!(t.peek(&key(0)), None);
+        assert_eq!(t.get(&key(0), t0), None, "a dead route is dropped when met");
+        assert_eq!(t.get(&key(1), t0), Some(conn(1)));
+        // The expiry sweeps the dead routes as it meets them, without counting them expired.
+        let budget = t.expire_budget();
+        assert!(budget >= 4096 + 50_000 * 8, "{budget}");
+        assert_eq!(t.expire(t0 + Duration::from_secs(2), budget), 25_000);
+        assert_eq!((t.map.len(), t.dead_routes, t.dead.len()), (0, 0, 0));
+        assert!(t.per_conn.is_empty() && t.per_owner.is_empty());
+    }
+
+    #[test]
     fn routes_bounded() {
         let t0 = Instant::now();
         let mut t = RouteTable::new(Duration::from_secs(120), 2);
-        assert!(t.insert(key(1), conn(1), t0));
-        assert!(t.insert(key(2), conn(1), t0));
-        assert!(!t.insert(key(3), conn(1), t0));
-        assert!(t.insert(key(2), conn(2), t0));
+        t.set_max_per_owner(2);
+        assert!(t.insert(key(1), conn(1), A, t0).routed());
+        assert!(t.insert(key(2), conn(1), A, t0).routed());
+        assert!(!t.insert(key(3), conn(1), A, t0).routed());
+        assert!(t.insert(key(2), conn(2), A, t0).routed());
         assert_eq!(t.stats().overflows, 1);
     }
 
@@ -409,7 +652,7 @@ mod tests {
         let t0 = Instant::now();
         let mut t = RouteTable::default();
         for p in 0..10 {
-            t.insert(key(p), conn(u32::from(p % 2)), t0);
+            t.insert(key(p), conn(u32::from(p % 2)), A, t0);
         }
         assert_eq!(t.remove_conn(conn(0)), 5);
         assert_eq!(t.len(), 5);
@@ -421,8 +664,8 @@ mod tests {
         let t0 = Instant::now();
         let idle = Duration::from_secs(120);
         let mut t = RouteTable::new(idle, 100);
-        t.insert(key(1), conn(1), t0);
-        t.insert(key(2), conn(1), t0 + Duration::from_secs(10));
+        t.insert(key(1), conn(1), A, t0);
+        t.insert(key(2), conn(1), A, t0 + Duration::from_secs(10));
         assert_eq!(t.expire(t0 + Duration::from_secs(100), 100), 0);
         // key 1 is used at t0+100 s.
         assert!(t.get(&key(1), t0 + Duration::from_secs(100)).is_some());
@@ -440,11 +683,11 @@ mod tests {
         let t0 = Instant::now();
         let mut t = RouteTable::new(Duration::from_secs(1), 100);
         for p in 0..10 {
-            t.insert(key(p), conn(1), t0);
+            t.insert(key(p), conn(1), A, t0);
         }
-        t.remove(&key(0));
+        t.remove(&key(0), A);
         // Re-added key: its old queue entry must not expire the new route early.
-        t.insert(key(0), conn(2), t0 + Duration::from_secs(5));
+        t.insert(key(0), conn(2), A, t0 + Duration::from_secs(5));
         let later = t0 + Duration::from_secs(2);
         assert_eq!(t.expire(later, 3), 2);
         assert_eq!(t.expire(later, 100), 7);
@@ -458,8 +701,8 @@ mod tests {
         let t0 = Instant::now();
         let mut t = RouteTable::default();
         for p in 0..10_000u16 {
-            t.insert(key(p), conn(1), t0);
-            t.remove(&key(p));
+            t.insert(key(p), conn(1), A, t0);
+            t.remove(&key(p), A);
         }
         assert!(t.queue.len() <= 1024 + 2);
     }

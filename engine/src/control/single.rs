@@ -9,12 +9,18 @@
 //! [`MAX_SINGLE_CONNECTIONS`] connections are kept. So all `-C` connections of a tcpcopy must
 //! be made within 3 s of its first.
 //!
+//! A newcomer from another address than the connected tcpcopy's is refused while that tcpcopy
+//! has a connection open (counted in [`SingleStats::refused_foreign`]): in the C intercept any
+//! peer that reaches the port takes over every response. A tcpcopy at the same address (one
+//! that restarted) replaces the old connections as in the C tool.
+//!
 //! One difference, invisible on the wire: the C intercept keeps a closed connection in its
 //! list (its share of responses is lost until the next generation); here it leaves the list
 //! and the others take its share.
 
 use std::time::{Duration, Instant};
 
+use crate::control::route::Owner;
 use crate::control::server::ConnId;
 use crate::flow::FlowKey;
 
@@ -65,14 +71,19 @@ pub struct SingleStats {
     pub generations: u64,
     /// Connections closed because a new generation began.
     pub replaced: u64,
-    /// Connections refused (protect, or the list was full).
+    /// Connections refused (protect, another address's tcpcopy is connected, or the list was
+    /// full).
     pub refused: u64,
+    /// Of those, refused because another address's tcpcopy is connected.
+    pub refused_foreign: u64,
 }
 
 /// The connection list of `--single` mode.
 #[derive(Debug, Clone)]
 pub struct SingleSpread {
     conns: Vec<ConnId>,
+    /// The address of the connected tcpcopy.
+    owner: Option<Owner>,
     generation_start: Option<Instant>,
     protect: bool,
     stats: SingleStats,
@@ -83,6 +94,7 @@ impl SingleSpread {
     pub fn new(protect: bool) -> SingleSpread {
         SingleSpread {
             conns: Vec::with_capacity(MAX_SINGLE_CONNECTIONS),
+            owner: None,
             generation_start: None,
             protect,
             stats: SingleStats::default(),
@@ -102,7 +114,13 @@ impl SingleSpread {
     /// Decides about a connection that just came up at `now`. The caller closes what the
     /// answer says (and calls [`on_disconnect`](Self::on_disconnect) for those only if it
     /// wants; they are already out of the list).
-    pub fn on_connect(&mut self, conn: ConnId, now: Instant) -> Admission {
+    pub fn on_connect(&mut self, conn: ConnId, owner: Owner, now: Instant) -> Admission {
+        if !self.conns.is_empty() && self.owner.is_some_and(|o| o != owner) {
+            self.stats.refused += 1;
+            self.stats.refused_foreign += 1;
+            return Admission::Refuse;
+        }
+        self.owner = Some(owner);
         let in_generation = self
             .generation_start
             .is_some_and(|start| now.saturating_duration_since(start) <= GENERATION);
@@ -157,6 +175,8 @@ mod tests {
     use super::*;
     use std::net::SocketAddrV4;
 
+    const A: Owner = std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 77, 0, 20));
+
     fn c(n: u32) -> ConnId {
         ConnId::from_parts(n, 0)
     }
@@ -180,12 +200,12 @@ mod tests {
             SocketAddrV4::new([10, 0, 0, 2].into(), 2),
         );
         assert_eq!(s.pick(&any), None);
-        assert_eq!(s.on_connect(c(1), t0), Admission::Accept);
+        assert_eq!(s.on_connect(c(1), A, t0), Admission::Accept);
         assert_eq!(
-            s.on_connect(c(2), t0 + Duration::from_secs(2)),
+            s.on_connect(c(2), A, t0 + Duration::from_secs(2)),
             Admission::Accept
         );
-        assert_eq!(s.on_connect(c(3), t0 + GENERATION), Admission::Accept);
+        assert_eq!(s.on_connect(c(3), A, t0 + GENERATION), Admission::Accept);
         assert_eq!(s.connections(), &[c(1), c(2), c(3)]);
         let mut seen = std::collections::HashSet::new();
         for i in 0..300u16 {
@@ -210,11 +230,11 @@ mod tests {
     fn a_late_connection_starts_a_new_generation() {
         let t0 = Instant::now();
         let mut s = SingleSpread::new(false);
-        s.on_connect(c(1), t0);
-        s.on_connect(c(2), t0);
+        s.on_connect(c(1), A, t0);
+        s.on_connect(c(2), A, t0);
         let late = t0 + Duration::from_millis(3001);
         assert_eq!(
-            s.on_connect(c(3), late),
+            s.on_connect(c(3), A, late),
             Admission::NewGeneration {
                 close: vec![c(1), c(2)]
             }
@@ -222,7 +242,7 @@ mod tests {
         assert_eq!(s.connections(), &[c(3)]);
         // The new generation counts from its own start.
         assert_eq!(
-            s.on_connect(c(4), late + Duration::from_secs(1)),
+            s.on_connect(c(4), A, late + Duration::from_secs(1)),
             Admission::Accept
         );
         let st = s.stats();
@@ -236,17 +256,43 @@ mod tests {
     fn protect_refuses_a_newcomer_while_the_old_tcpcopy_is_connected() {
         let t0 = Instant::now();
         let mut s = SingleSpread::new(true);
-        s.on_connect(c(1), t0);
+        s.on_connect(c(1), A, t0);
         let late = t0 + Duration::from_secs(10);
-        assert_eq!(s.on_connect(c(2), late), Admission::Refuse);
+        assert_eq!(s.on_connect(c(2), A, late), Admission::Refuse);
         assert_eq!(s.connections(), &[c(1)]);
         // Once the old one is gone, a newcomer starts a new generation.
         s.on_disconnect(c(1));
         assert_eq!(
-            s.on_connect(c(3), late),
+            s.on_connect(c(3), A, late),
             Admission::NewGeneration { close: vec![] }
         );
         assert_eq!(s.stats().refused, 1);
+    }
+
+    #[test]
+    fn a_newcomer_from_another_address_cannot_take_the_responses() {
+        let t0 = Instant::now();
+        let other: Owner = "10.77.0.66".parse().unwrap();
+        let mut s = SingleSpread::new(false);
+        s.on_connect(c(1), A, t0);
+        // Within the generation window and after it: refused while A is connected.
+        assert_eq!(s.on_connect(c(2), other, t0), Admission::Refuse);
+        let late = t0 + Duration::from_secs(10);
+        assert_eq!(s.on_connect(c(3), other, late), Admission::Refuse);
+        assert_eq!(s.connections(), &[c(1)]);
+        // A restarted tcpcopy at A's address replaces the old connections.
+        assert_eq!(
+            s.on_connect(c(4), A, late),
+            Admission::NewGeneration { close: vec![c(1)] }
+        );
+        // Once A is gone, another address may start.
+        s.on_disconnect(c(4));
+        assert_eq!(
+            s.on_connect(c(5), other, late + Duration::from_secs(4)),
+            Admission::NewGeneration { close: vec![] },
+            "the first connection of a new tcpcopy"
+        );
+        assert_eq!((s.stats().refused, s.stats().refused_foreign), (2, 2));
     }
 
     #[test]
@@ -254,9 +300,9 @@ mod tests {
         let t0 = Instant::now();
         let mut s = SingleSpread::new(false);
         for i in 0..16 {
-            assert_eq!(s.on_connect(c(i), t0), Admission::Accept);
+            assert_eq!(s.on_connect(c(i), A, t0), Admission::Accept);
         }
-        assert_eq!(s.on_connect(c(16), t0), Admission::Refuse);
+        assert_eq!(s.on_connect(c(16), A, t0), Admission::Refuse);
         assert_eq!(s.connections().len(), 16);
     }
 }

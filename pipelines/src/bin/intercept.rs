@@ -113,6 +113,10 @@ struct Args {
     /// With --single: refuse a new tcpcopy while the previous one is still connected
     #[arg(short = 'c', action = ArgAction::SetTrue)]
     protect: bool,
+    /// Accept control connections only from these tcpcopy addresses or networks, e.g.
+    /// --allow 10.0.0.20,10.0.1.0/24 (default: any address, as the C tool)
+    #[arg(long, value_name = "IPS")]
+    allow: Option<String>,
 }
 
 /// The C intercept's flags of other builds: refused with the reason, or accepted with a warning.
@@ -246,6 +250,11 @@ fn run() -> anyhow::Result<()> {
         auth,
         single: args.single,
         protect: args.protect,
+        allow: args
+            .allow
+            .as_deref()
+            .map(pipelines::compat::AllowList::parse)
+            .transpose()?,
     };
     if args.check {
         let effective = effective_yaml::<Args, InterceptFile>(&matches)?;

@@ -85,6 +85,8 @@ pub struct InterceptConfig {
     pub single: bool,
     /// `-c` (with `--single`): refuse a new tcpcopy while the previous one is connected.
     pub protect: bool,
+    /// `--allow`: the addresses tcpcopy may connect from (`None`: any, as the C tool).
+    pub allow: Option<crate::compat::AllowList>,
     /// Capture through a DPDK device instead of `interface` (the filter then runs in user space).
     pub dpdk: Option<crate::ports::DpdkSettings>,
 }
@@ -106,6 +108,7 @@ impl InterceptConfig {
             auth: None,
             single: false,
             protect: false,
+            allow: None,
             dpdk: None,
         }
     }
@@ -142,6 +145,15 @@ pub struct InterceptStats {
     pub disconnections: u64,
     /// `--single`: connections refused or replaced by the generation rule.
     pub single_refused: u64,
+    /// Connections refused because their address is not on the `--allow` list.
+    pub peers_refused: u64,
+    /// CLIENT_ADDs refused: the route belongs to a tcpcopy at another address (the largest
+    /// replica's count).
+    pub routes_foreign: u64,
+    /// CLIENT_DELs ignored: the route belongs to a tcpcopy at another address.
+    pub removals_foreign: u64,
+    /// CLIENT_ADDs refused: the address holds its share of the route table.
+    pub routes_owner_full: u64,
     /// Routes in the table (the largest replica).
     pub routes: usize,
     /// Capture ports, summed.
@@ -158,7 +170,8 @@ impl InterceptStats {
         let _ = write!(
             line,
             "captured {} replies {} routed {} delayed {} delay-delivered {} no-route {} send-dropped {} \
-             ring-full {} ignored {} | routes {} add {} del {} | connections {} lost {} \
+             ring-full {} ignored {} | routes {} add {} del {} foreign-add {} foreign-del {} \
+             owner-full {} | connections {} lost {} peers-refused {} \
              auth-ok {} auth-refused {} single-refused {} | udp-rx {} udp-tx {} udp-lost {} \
              udp-reordered {} udp-replayed {} udp-rejected {} | capture-drops {} capture-duplicates {}",
             self.captured,
@@ -173,8 +186,12 @@ impl InterceptStats {
             self.routes,
             self.client_add,
             self.client_del,
+            self.routes_foreign,
+            self.removals_foreign,
+            self.routes_owner_full,
             self.connections,
             self.disconnections,
+            self.peers_refused,
             c.auth_ok,
             c.auth_refused,
             self.single_refused,
@@ -199,6 +216,9 @@ impl InterceptStats {
         self.ring_full += c.ring_full;
         self.ignored += c.ignored;
         self.routes = self.routes.max(c.routes);
+        self.routes_foreign = self.routes_foreign.max(c.route_stats.refused_foreign);
+        self.removals_foreign = self.removals_foreign.max(c.route_stats.refused_removals);
+        self.routes_owner_full = self.routes_owner_full.max(c.route_stats.refused_owner_full);
         self.capture.rx_packets += c.port.rx_packets;
         self.capture.rx_bytes += c.port.rx_bytes;
         self.capture.rx_dropped += c.port.rx_dropped;
@@ -217,6 +237,7 @@ struct CaptureStats {
     ring_full: u64,
     ignored: u64,
     routes: usize,
+    route_stats: engine::control::route::RouteStats,
     port: PortStats,
 }
 
@@ -231,6 +252,7 @@ struct ControlStats {
     connections: u64,
     disconnections: u64,
     single_refused: u64,
+    peers_refused: u64,
     server: ServerStats,
 }
 
@@ -399,6 +421,8 @@ impl Intercept {
             );
         }
         let control = ControlLoop {
+            peers: std::collections::HashMap::new(),
+            allow: config.allow.clone(),
             server,
             feed,
             links,
@@ -479,6 +503,7 @@ fn merged_stats(shared: &Shared) -> InterceptStats {
         s.connections = c.connections;
         s.disconnections = c.disconnections;
         s.single_refused = c.single_refused;
+        s.peers_refused = c.peers_refused;
         s.control = c.server;
     }
     s
@@ -629,7 +654,7 @@ impl CaptureWorker {
             }
             if now.duration_since(last_expire) >= Duration::from_secs(1) {
                 last_expire = now;
-                self.replica.expire(now, 4096);
+                self.replica.expire(now, None);
             }
             if now.duration_since(last_publish) >= PUBLISH_EVERY {
                 last_publish = now;
@@ -697,6 +722,7 @@ impl CaptureWorker {
 
     fn publish(&mut self) {
         self.stats.routes = self.replica.table().len();
+        self.stats.route_stats = self.replica.table().stats();
         self.stats.port = self.capture.stats();
         if let Ok(mut s) = self.shared.capture_stats[self.index].lock() {
             *s = self.stats;
@@ -706,6 +732,10 @@ impl CaptureWorker {
 
 /// The control thread.
 struct ControlLoop {
+    /// The address of each admitted tcpcopy connection: the owner of the routes it adds.
+    peers: std::collections::HashMap<ConnId, std::net::IpAddr>,
+    /// `--allow`: the addresses tcpcopy may connect from (`None`: any).
+    allow: Option<crate::compat::AllowList>,
     server: ControlServer,
     feed: RouteFeed,
     links: Vec<CaptureLink>,
@@ -806,10 +836,17 @@ impl ControlLoop {
         match event {
             ServerEvent::Message(conn, message) => self.message(conn, message),
             ServerEvent::Connected(conn, peer) => {
+                if self.allow.as_ref().is_some_and(|a| !a.allows(peer.ip())) {
+                    self.stats.peers_refused += 1;
+                    tracing::warn!("refusing a control connection from {peer}: not on --allow");
+                    self.server.disconnect(conn);
+                    return false;
+                }
                 self.stats.connections += 1;
+                self.peers.insert(conn, peer.ip());
                 tracing::info!("tcpcopy connected from {peer} ({conn})");
                 if let Some(single) = self.single.as_mut() {
-                    match single.on_connect(conn, Instant::now()) {
+                    match single.on_connect(conn, peer.ip(), Instant::now()) {
                         Admission::Accept => {}
                         Admission::NewGeneration { close } => {
                             if !close.is_empty() {
@@ -826,8 +863,9 @@ impl ControlLoop {
                         }
                         Admission::Refuse => {
                             tracing::warn!(
-                                "--single: refusing {peer}: the previous tcpcopy is still \
-                                 connected (-c) or 16 connections are open"
+                                "--single: refusing {peer}: a tcpcopy at another address (or, \
+                                 with -c, the previous one) is still connected, or 16 \
+                                 connections are open"
                             );
                             self.stats.single_refused += 1;
                             self.server.disconnect(conn);
@@ -837,6 +875,10 @@ impl ControlLoop {
                 false
             }
             ServerEvent::Disconnected(conn) => {
+                if self.peers.remove(&conn).is_none() {
+                    // A connection refused by --allow: nothing of it was kept.
+                    return false;
+                }
                 self.stats.disconnections += 1;
                 match self.single.as_mut() {
                     Some(single) => single.on_disconnect(conn),
@@ -850,12 +892,16 @@ impl ControlLoop {
     }
 
     fn message(&mut self, conn: ConnId, message: ClientMessage) -> bool {
+        let Some(&owner) = self.peers.get(&conn) else {
+            // From a connection that was refused: nothing it says changes anything.
+            return false;
+        };
         match message.kind {
             MessageType::ClientAdd => {
                 self.stats.client_add += 1;
                 if self.single.is_none() {
                     self.feed
-                        .publish(RouteUpdate::Add(message.flow_key(), conn));
+                        .publish(RouteUpdate::Add(message.flow_key(), conn, owner));
                     return true;
                 }
                 false
@@ -863,7 +909,8 @@ impl ControlLoop {
             MessageType::ClientDel => {
                 self.stats.client_del += 1;
                 if self.single.is_none() {
-                    self.feed.publish(RouteUpdate::Remove(message.flow_key()));
+                    self.feed
+                        .publish(RouteUpdate::Remove(message.flow_key(), owner));
                 }
                 false
             }
