@@ -155,6 +155,7 @@ impl InterceptStats {
             "captured {} replies {} routed {} delayed {} delay-delivered {} no-route {} send-dropped {} \
              ring-full {} ignored {} | routes {} add {} del {} | connections {} lost {} \
              auth-ok {} auth-refused {} single-refused {} | udp-rx {} udp-tx {} udp-lost {} \
+             udp-tx-dropped {} udp-rx-dropped {} messages-lost {} \
              udp-reordered {} udp-replayed {} udp-rejected {} | capture-drops {}",
             self.captured,
             self.replies,
@@ -176,6 +177,9 @@ impl InterceptStats {
             c.datagrams_received,
             c.datagrams_sent,
             c.datagrams_lost,
+            c.datagrams_send_dropped,
+            c.datagrams_receive_dropped,
+            c.messages_lost,
             c.datagrams_reordered,
             c.datagrams_replayed,
             c.datagrams_rejected,
@@ -884,6 +888,9 @@ mod tests {
         for word in [
             "auth-refused",
             "udp-lost",
+            "udp-tx-dropped",
+            "udp-rx-dropped",
+            "messages-lost",
             "udp-rejected",
             "ring-full",
             " lost ",
