@@ -38,7 +38,8 @@ cleanup() {
     done
     wait 2>/dev/null || true
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 # At most a day of load, however long the runs take (the trap ends it sooner).
 for _ in $(seq 1 "$load"); do

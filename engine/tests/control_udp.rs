@@ -236,10 +236,18 @@ impl LossyRelay {
         }
     }
 
+    /// The receive-buffer drops of one of the relay's sockets.
+    fn overflow(socket: &UdpSocket) -> u64 {
+        // A row of /proc/self/net/udp can be missed while other tests close sockets.
+        (0..100)
+            .find_map(|_| socket_drops(socket))
+            .expect("the relay's socket in /proc/self/net/udp")
+    }
+
     /// (forwarded, dropped) going up; dropped includes the receive-buffer drops of the
     /// relay's socket.
     fn up(&self) -> (u64, u64) {
-        let overflow = socket_drops(&self.up_socket).expect("/proc/self/net/udp");
+        let overflow = Self::overflow(&self.up_socket);
         (
             self.up.forwarded.load(Ordering::SeqCst),
             self.up.dropped.load(Ordering::SeqCst) + overflow,
@@ -248,7 +256,7 @@ impl LossyRelay {
 
     /// (forwarded, dropped) coming down, as [`up`](Self::up).
     fn down(&self) -> (u64, u64) {
-        let overflow = socket_drops(&self.down_socket).expect("/proc/self/net/udp");
+        let overflow = Self::overflow(&self.down_socket);
         (
             self.down.forwarded.load(Ordering::SeqCst),
             self.down.dropped.load(Ordering::SeqCst) + overflow,

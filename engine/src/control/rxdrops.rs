@@ -80,10 +80,17 @@ fn socket_inode(fd: i32) -> Option<u64> {
         .ok()
 }
 
+/// Reads of the tables before a socket counts as absent.
+const ATTEMPTS: usize = 4;
+
 fn read_drops(inode: u64) -> Option<u32> {
-    ["/proc/self/net/udp", "/proc/self/net/udp6"]
-        .iter()
-        .find_map(|path| parse_drops(&std::fs::read_to_string(path).ok()?, inode))
+    // The kernel writes the table a page per read(2) and finds its place again by row index,
+    // so a row can be skipped while other sockets close: a missing row is read again.
+    (0..ATTEMPTS).find_map(|_| {
+        ["/proc/self/net/udp", "/proc/self/net/udp6"]
+            .iter()
+            .find_map(|path| parse_drops(&std::fs::read_to_string(path).ok()?, inode))
+    })
 }
 
 /// The `drops` column of the row of `inode` in a `/proc/net/udp` table.
