@@ -145,8 +145,8 @@ impl Way {
 /// `drop_up`-th datagram going up and every `drop_down`-th coming down (1-based counts; 0:
 /// never), or the tail of a burst ([`LossyRelay::drop_tail_up`]), counting exactly what it
 /// dropped, including what its own sockets' receive buffers dropped (read from `/proc`, so a
-/// relay starved of CPU still accounts for every datagram). Keeps the last datagram it
-/// forwarded down.
+/// relay starved of CPU still accounts for every datagram). Keeps the last RECORDS datagram
+/// it forwarded down (keepalive answers keep coming after it).
 struct LossyRelay {
     addr: SocketAddrV4,
     stop: Arc<AtomicBool>,
@@ -217,7 +217,9 @@ impl LossyRelay {
                     let sent = to.is_some_and(|to| front2.send_to(&buf[..n], to).is_ok());
                     if sent {
                         down.forwarded.fetch_add(1, Ordering::SeqCst);
-                        *last.lock().unwrap() = buf[..n].to_vec();
+                        if n > 5 && buf[3] == 4 {
+                            *last.lock().unwrap() = buf[..n].to_vec();
+                        }
                     } else {
                         down.lose(&buf[..n]);
                     }
