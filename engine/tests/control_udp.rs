@@ -598,7 +598,15 @@ fn udp_tail_loss_is_counted_by_the_next_keepalive() {
 fn udp_socket_overflow_is_dropped_here_not_lost_on_the_way() {
     let mut server = udp_server(None);
     let addr = server.local_addr();
-    let mut client = udp_client(vec![addr], None);
+    // The client does not poll during a burst; on a loaded machine that can outlast the
+    // tests' 600 ms of silence before an intercept counts as down.
+    let mut config = ClientConfig::new(vec![addr]);
+    config.transport = Transport::Udp;
+    config.reconnect_initial = Duration::from_millis(5);
+    config.udp_keepalive = Duration::from_millis(20);
+    config.udp_dead_after = BOUND;
+    config.lonely = true;
+    let mut client = ControlClient::new(config).unwrap();
     let (mut events, mut records) = (Vec::new(), Vec::new());
     assert!(pump(
         &mut client,
