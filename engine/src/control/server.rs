@@ -196,9 +196,11 @@ pub struct ServerStats {
     pub peers_too_old: u64,
     /// Messages received after the hello.
     pub messages_received: u64,
-    /// Records accepted into a batch.
+    /// Records accepted into a batch (less those whose batch the backlog or the UDP socket
+    /// then refused: those count in `records_dropped`).
     pub records_queued: u64,
-    /// Records dropped because their connection's backlog was full.
+    /// Records dropped because their connection's backlog was full (UDP: the socket refused
+    /// their datagram).
     pub records_dropped: u64,
     /// Records for a connection that no longer exists (or is not confirmed).
     pub records_no_connection: u64,
