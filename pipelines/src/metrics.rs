@@ -257,11 +257,13 @@ pub fn client_fields(s: &ClientStats) -> Vec<Field> {
         Counter auth_failures: "Authentication failures.",
         Counter datagrams_sent: "UDP datagrams sent.",
         Counter datagrams_received: "UDP datagrams received and accepted.",
-        Counter datagrams_lost: "UDP datagrams from intercepts that never arrived.",
+        Counter datagrams_lost: "UDP datagrams from intercepts lost on the way (not those our socket dropped).",
         Counter datagrams_reordered: "UDP datagrams that arrived after a later one.",
         Counter datagrams_replayed: "UDP datagrams dropped as duplicates or replays.",
         Counter datagrams_rejected: "UDP datagrams rejected (not this protocol, wrong MAC, unknown session).",
         Counter datagrams_send_dropped: "UDP datagrams not sent (socket queue full or send failed).",
+        Counter datagrams_receive_dropped: "UDP datagrams our socket dropped on arrival (receive buffer full).",
+        Counter records_lost: "Response records intercepts sent that never arrived (UDP).",
     )
 }
 
@@ -286,11 +288,13 @@ pub fn server_fields(s: &ServerStats) -> Vec<Field> {
         Counter auth_refused: "Peers refused by authentication.",
         Counter datagrams_received: "UDP datagrams received and accepted.",
         Counter datagrams_sent: "UDP datagrams sent.",
-        Counter datagrams_lost: "UDP datagrams from tcpcopys that never arrived.",
+        Counter datagrams_lost: "UDP datagrams from tcpcopys lost on the way (not those our socket dropped).",
         Counter datagrams_reordered: "UDP datagrams that arrived after a later one.",
         Counter datagrams_replayed: "UDP datagrams dropped as duplicates or replays.",
         Counter datagrams_rejected: "UDP datagrams rejected (malformed, wrong MAC, unknown session).",
         Counter datagrams_send_dropped: "UDP datagrams not sent (socket queue full or send failed).",
+        Counter datagrams_receive_dropped: "UDP datagrams our socket dropped on arrival (receive buffer full).",
+        Counter messages_lost: "Route messages tcpcopys sent that never arrived (UDP).",
     )
 }
 

@@ -48,9 +48,10 @@ use crate::control::codec::{
     ClientMessage, Framing, RecordDecoder, RecordFormat, ResponseHeader, CLIENT_MESSAGE_LEN,
 };
 use crate::control::outbuf::OutBuf;
+use crate::control::rxdrops::RxDrops;
 use crate::control::udp::{
-    encode_single, epoch_of, Datagram, DatagramBuilder, DatagramKind, SeqWindow, FLAG_KEYED,
-    MAX_DATAGRAM,
+    encode_single, epoch_of, Datagram, DatagramBuilder, DatagramKind, Keepalive, Ledger, Tally,
+    FLAG_KEYED, HELLO_BODY_LEN, MAX_DATAGRAM,
 };
 use crate::control::{ControlError, Transport};
 use crate::flow::FlowKey;
@@ -168,8 +169,10 @@ pub struct ClientStats {
     pub datagrams_sent: u64,
     /// UDP datagrams received and accepted.
     pub datagrams_received: u64,
-    /// UDP datagrams from the intercepts that never arrived (gaps in their sequence numbers;
-    /// late arrivals are taken back).
+    /// UDP datagrams from the intercepts lost on the way: gaps in their sequence numbers
+    /// (late arrivals are taken back; a gap at the tail is seen by the next keepalive
+    /// exchange), less those the intercept reported it never sent and those our own socket
+    /// dropped (`datagrams_receive_dropped`).
     pub datagrams_lost: u64,
     /// UDP datagrams that arrived after a later one.
     pub datagrams_reordered: u64,
@@ -181,6 +184,12 @@ pub struct ClientStats {
     pub datagrams_rejected: u64,
     /// UDP datagrams not sent: the socket's queue was full or the send failed.
     pub datagrams_send_dropped: u64,
+    /// UDP datagrams our socket dropped on arrival, its receive buffer full (the kernel's
+    /// count for the socket, from `/proc`, refreshed every 100 ms).
+    pub datagrams_receive_dropped: u64,
+    /// Response records the intercepts sent (as their keepalive tallies say) that never
+    /// arrived: in datagrams lost on the way or dropped by our socket.
+    pub records_lost: u64,
 }
 
 #[derive(Debug)]
@@ -223,8 +232,8 @@ struct UdpSession {
     epoch: u64,
     up_key: Option<MacKey>,
     down_key: Option<MacKey>,
-    window: SeqWindow,
-    send_seq: u64,
+    ledger: Ledger,
+    keepalive: Keepalive,
 }
 
 /// The UDP link to one intercept.
@@ -240,10 +249,22 @@ struct UdpLink {
     messages: DatagramBuilder,
     ever_up: bool,
     attempts: u32,
-    /// Counters of windows of past sessions.
+    /// Counters of the ledgers of past sessions.
     lost: u64,
     reordered: u64,
     replayed: u64,
+    records_lost: u64,
+}
+
+/// A datagram waiting for the socket: numbered for `link`'s session `epoch`, with `items`
+/// messages.
+#[derive(Debug)]
+struct Queued {
+    addr: SocketAddr,
+    bytes: Vec<u8>,
+    link: usize,
+    epoch: u64,
+    items: usize,
 }
 
 #[derive(Debug)]
@@ -251,11 +272,12 @@ struct UdpSide {
     socket: UdpSocket,
     local: SocketAddr,
     links: Vec<UdpLink>,
-    queue: VecDeque<(SocketAddr, Vec<u8>, usize)>,
+    queue: VecDeque<Queued>,
     queued_bytes: usize,
     queue_limit: usize,
     scratch: Vec<u8>,
     hello_key: Option<MacKey>,
+    rx_drops: RxDrops,
 }
 
 /// The tcpcopy end of the control channel (see the module docs).
@@ -344,14 +366,35 @@ impl ControlClient {
     pub fn stats(&self) -> ClientStats {
         let mut s = self.stats;
         if let Some(udp) = &self.udp {
+            let mut gaps = 0u64;
             for l in &udp.links {
-                let (lost, reordered, replayed) = l.session.as_ref().map_or((0, 0, 0), |s| {
-                    (s.window.lost, s.window.reordered, s.window.rejected)
-                });
-                s.datagrams_lost += l.lost + lost;
-                s.datagrams_reordered += l.reordered + reordered;
-                s.datagrams_replayed += l.replayed + replayed;
+                let (lost, reordered, replayed, records) =
+                    l.session.as_ref().map_or((0, 0, 0, 0), |s| {
+                        let w = &s.ledger.window;
+                        (
+                            s.ledger.lost(),
+                            w.reordered,
+                            w.rejected,
+                            s.ledger.items_lost(),
+                        )
+                    });
+                gaps = gaps.saturating_add(l.lost).saturating_add(lost);
+                s.datagrams_reordered = s
+                    .datagrams_reordered
+                    .saturating_add(l.reordered)
+                    .saturating_add(reordered);
+                s.datagrams_replayed = s
+                    .datagrams_replayed
+                    .saturating_add(l.replayed)
+                    .saturating_add(replayed);
+                s.records_lost = s
+                    .records_lost
+                    .saturating_add(l.records_lost)
+                    .saturating_add(records);
             }
+            // What our socket dropped shows as gaps too: it was not lost on the way.
+            s.datagrams_receive_dropped = udp.rx_drops.total();
+            s.datagrams_lost = gaps.saturating_sub(s.datagrams_receive_dropped);
         }
         s
     }
@@ -563,13 +606,12 @@ impl ControlClient {
         let udp = self.udp.as_ref().and_then(|u| {
             u.links
                 .iter()
-                .map(|l| {
-                    let dead = l.last_heard + self.config.udp_dead_after;
-                    if l.session.is_some() {
-                        l.next_hello.min(dead)
-                    } else {
-                        l.next_hello
+                .map(|l| match &l.session {
+                    Some(s) => {
+                        let dead = l.last_heard + self.config.udp_dead_after;
+                        s.keepalive.deadline().min(dead)
                     }
+                    None => l.next_hello,
                 })
                 .min()
         });
@@ -904,26 +946,28 @@ impl ControlClient {
             return;
         }
         let count = link.messages.count();
-        let Some(session) = link.session.as_mut() else {
+        let numbered = link
+            .session
+            .as_ref()
+            .and_then(|x| Some((x.ledger.next_seq()?, x.epoch)));
+        let (Some(session), Some((seq, epoch))) = (link.session.as_ref(), numbered) else {
             link.messages.clear();
             self.stats.messages_dropped += count as u64;
             self.stats.messages_sent -= count as u64;
             return;
         };
-        session.send_seq += 1;
         let bytes = link
             .messages
-            .finish(
-                link.session_id,
-                session.epoch,
-                session.send_seq,
-                0,
-                session.up_key.as_ref(),
-            )
+            .finish(link.session_id, epoch, seq, 0, session.up_key.as_ref())
             .to_vec();
         link.messages.clear();
         let addr = link.addr;
-        if !udp.send(addr, bytes, count, &mut self.stats) {
+        if udp.send(s, epoch, addr, bytes, count, &mut self.stats) {
+            // The number is used only by a datagram the socket took.
+            if let Some(session) = udp.links[s].session.as_mut() {
+                session.ledger.commit(count as u64);
+            }
+        } else {
             self.stats.messages_sent -= count as u64;
             self.stats.messages_dropped += count as u64;
         }
@@ -940,6 +984,9 @@ impl ControlClient {
         let keepalive = self.config.udp_keepalive.max(Duration::from_millis(1));
         let dead_after = self.config.udp_dead_after;
         let initial = self.config.reconnect_initial.max(Duration::from_millis(1));
+        if let Some(udp) = self.udp.as_mut() {
+            udp.rx_drops.refresh_due(now);
+        }
         for s in 0..self.servers.len() {
             let Some(udp) = self.udp.as_mut() else {
                 return;
@@ -962,24 +1009,25 @@ impl ControlClient {
                 warn!(server = %link.addr, silent_ms = dead_after.as_millis() as u64,
                     "lost intercept (UDP: no answer)");
             }
+            if let Some(session) = link.session.as_mut() {
+                if session.keepalive.due(now) {
+                    udp.send_hello(s, &mut self.stats);
+                }
+                continue;
+            }
             if now < link.next_hello {
                 continue;
             }
-            let keyed = link.session.is_some();
-            if keyed {
-                link.next_hello = now + keepalive;
-            } else {
-                link.attempts += 1;
-                if link.attempts > 1 {
-                    self.stats.connect_failures += 1;
-                    if link.attempts % 12 == 2 {
-                        warn!(server = %link.addr, attempts = link.attempts - 1,
-                            "no answer from intercept (UDP)");
-                    }
+            link.attempts += 1;
+            if link.attempts > 1 {
+                self.stats.connect_failures += 1;
+                if link.attempts % 12 == 2 {
+                    warn!(server = %link.addr, attempts = link.attempts - 1,
+                        "no answer from intercept (UDP)");
                 }
-                link.next_hello = now + link.hello_interval;
-                link.hello_interval = (link.hello_interval * 2).min(keepalive);
             }
+            link.next_hello = now + link.hello_interval;
+            link.hello_interval = (link.hello_interval * 2).min(keepalive);
             udp.send_hello(s, &mut self.stats);
         }
     }
@@ -1036,6 +1084,7 @@ impl ControlClient {
                 let epoch = epoch_of(&ni);
                 let link = &mut udp.links[s];
                 let same = link.session.as_ref().is_some_and(|x| x.epoch == epoch);
+                let tally = d.tally().unwrap_or_default();
                 if same {
                     let session = link.session.as_mut().ok_or("no session")?;
                     if let Some(k) = &session.down_key {
@@ -1043,7 +1092,11 @@ impl ControlClient {
                             return Err("bad MAC");
                         }
                     }
-                    if !session.window.accept(d.header.seq).accepted() {
+                    if !session
+                        .ledger
+                        .accept_keepalive(d.header.seq, tally)
+                        .accepted()
+                    {
                         return Ok(()); // counted as replayed
                     }
                     link.last_heard = now;
@@ -1062,16 +1115,18 @@ impl ControlClient {
                         return Err("bad MAC");
                     }
                 }
-                let mut window = SeqWindow::new();
-                window.accept(d.header.seq);
+                let mut ledger = Ledger::new();
+                if !ledger.accept_keepalive(d.header.seq, tally).accepted() {
+                    return Err("implausible sequence number");
+                }
                 let was_up = link.session.is_some();
                 link.end_session();
                 link.session = Some(UdpSession {
                     epoch,
                     up_key,
                     down_key,
-                    window,
-                    send_seq: 0,
+                    ledger,
+                    keepalive: Keepalive::new(now, self.config.udp_keepalive),
                 });
                 link.last_heard = now;
                 link.attempts = 0;
@@ -1090,7 +1145,6 @@ impl ControlClient {
                 link.ever_up = true;
                 self.ever_up = true;
                 // Confirm at once with a keyed HELLO: intercept learns our address from it.
-                link.next_hello = now + self.config.udp_keepalive;
                 udp.send_hello(s, &mut self.stats);
                 Ok(())
             }
@@ -1105,7 +1159,8 @@ impl ControlClient {
                         return Err("bad MAC");
                     }
                 }
-                if !session.window.accept(d.header.seq).accepted() {
+                let items = u64::from(d.header.count);
+                if !session.ledger.accept(d.header.seq, items).accepted() {
                     return Ok(()); // counted as replayed
                 }
                 link.last_heard = now;
@@ -1139,9 +1194,11 @@ impl UdpLink {
     /// Folds the current session's counters into the link's and forgets the session.
     fn end_session(&mut self) {
         if let Some(s) = self.session.take() {
-            self.lost += s.window.lost;
-            self.reordered += s.window.reordered;
-            self.replayed += s.window.rejected;
+            let l = &s.ledger;
+            self.lost = self.lost.saturating_add(l.lost());
+            self.reordered = self.reordered.saturating_add(l.window.reordered);
+            self.replayed = self.replayed.saturating_add(l.window.rejected);
+            self.records_lost = self.records_lost.saturating_add(l.items_lost());
         }
     }
 }
@@ -1184,11 +1241,11 @@ impl UdpSide {
                 lost: 0,
                 reordered: 0,
                 replayed: 0,
+                records_lost: 0,
             });
         }
         info!(%local, "control channel over UDP");
         Ok(UdpSide {
-            socket,
             local,
             links,
             queue: VecDeque::new(),
@@ -1196,16 +1253,21 @@ impl UdpSide {
             queue_limit: config.max_buffer_bytes.max(MAX_DATAGRAM),
             scratch: Vec::with_capacity(MAX_DATAGRAM),
             hello_key: config.auth.as_ref().map(auth::Secret::udp_hello_key),
+            rx_drops: RxDrops::new(&socket),
+            socket,
         })
     }
 
-    /// Sends (or queues) `bytes` to `addr`; `false` if it was dropped. `messages` is the count
-    /// of route messages in it, for the drop accounting of the caller.
+    /// Sends (or queues) `bytes`, numbered for `link`'s session `epoch`, to `addr`; `false`
+    /// if it was dropped (its number is then free again). `items` is the count of route
+    /// messages in it, for the drop accounting.
     fn send(
         &mut self,
+        link: usize,
+        epoch: u64,
         addr: SocketAddr,
         bytes: Vec<u8>,
-        messages: usize,
+        items: usize,
         stats: &mut ClientStats,
     ) -> bool {
         if self.queue.is_empty() {
@@ -1227,54 +1289,82 @@ impl UdpSide {
             return false;
         }
         self.queued_bytes += bytes.len();
-        self.queue.push_back((addr, bytes, messages));
+        self.queue.push_back(Queued {
+            addr,
+            bytes,
+            link,
+            epoch,
+            items,
+        });
         true
     }
 
     fn drain(&mut self, stats: &mut ClientStats) {
-        while let Some((addr, bytes, messages)) = self.queue.front() {
-            match self.socket.send_to(bytes, *addr) {
+        while let Some(q) = self.queue.front() {
+            match self.socket.send_to(&q.bytes, q.addr) {
                 Ok(_) => stats.datagrams_sent += 1,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(_) => {
                     stats.datagrams_send_dropped += 1;
-                    stats.messages_sent -= *messages as u64;
-                    stats.messages_dropped += *messages as u64;
+                    stats.messages_sent -= q.items as u64;
+                    stats.messages_dropped += q.items as u64;
+                    // Its number was used: the next keepalive reports it skipped.
+                    if let Some(session) = self.links[q.link].session.as_mut() {
+                        if session.epoch == q.epoch {
+                            session.ledger.abandon(q.items as u64);
+                        }
+                    }
                 }
             }
-            self.queued_bytes -= bytes.len();
+            self.queued_bytes -= q.bytes.len();
             self.queue.pop_front();
         }
     }
 
-    /// Sends link `s`'s HELLO: keyed (epoch, sequence, session key) when its session is up,
-    /// the opening one otherwise.
+    /// Sends link `s`'s HELLO: keyed (epoch, sequence, tally, session key) when its session
+    /// is up, the opening one otherwise.
     fn send_hello(&mut self, s: usize, stats: &mut ClientStats) {
         let link = &mut self.links[s];
+        let mut body = [0u8; HELLO_BODY_LEN];
+        body[..NONCE_LEN].copy_from_slice(&link.nc);
         let mut out = std::mem::take(&mut self.scratch);
-        match link.session.as_mut() {
+        let mut epoch = 0;
+        match link.session.as_ref() {
             Some(session) => {
-                session.send_seq += 1;
+                let Some(seq) = session.ledger.next_seq() else {
+                    stats.datagrams_send_dropped += 1;
+                    self.scratch = out;
+                    return;
+                };
+                epoch = session.epoch;
+                body[NONCE_LEN..].copy_from_slice(&session.ledger.tally().encode());
                 encode_single(
                     DatagramKind::Hello,
-                    (link.session_id, session.epoch, session.send_seq, FLAG_KEYED),
-                    &link.nc,
+                    (link.session_id, epoch, seq, FLAG_KEYED),
+                    &body,
                     session.up_key.as_ref(),
                     &mut out,
                 );
             }
-            None => encode_single(
-                DatagramKind::Hello,
-                (link.session_id, 0, 0, 0),
-                &link.nc,
-                self.hello_key.as_ref(),
-                &mut out,
-            ),
+            None => {
+                body[NONCE_LEN..].copy_from_slice(&Tally::default().encode());
+                encode_single(
+                    DatagramKind::Hello,
+                    (link.session_id, 0, 0, 0),
+                    &body,
+                    self.hello_key.as_ref(),
+                    &mut out,
+                );
+            }
         }
         let addr = link.addr;
         let bytes = out.clone();
         self.scratch = out;
-        self.send(addr, bytes, 0, stats);
+        if self.send(s, epoch, addr, bytes, 0, stats) {
+            if let Some(session) = self.links[s].session.as_mut() {
+                session.ledger.commit(0);
+            }
+        }
     }
 }
 

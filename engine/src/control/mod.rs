@@ -9,7 +9,9 @@
 //!   back-off, `-L` semantics.
 //! * [`server`]: the intercept side — listener (TCP) or socket (UDP), per-connection message
 //!   decoding, record batching with a bounded backlog per tcpcopy, a 2 ms flush.
-//! * [`udp`]: the UDP datagram format, sequence numbers, loss/reorder/replay window.
+//! * [`udp`]: the UDP datagram format, sequence numbers, loss/reorder/replay window, the
+//!   ledger that accounts for a tail loss by the next keepalive.
+//! * [`rxdrops`]: what a UDP socket's full receive buffer dropped (from `/proc`).
 //! * [`auth`]: shared secret, TCP challenge-response (HMAC-SHA256 both ways), UDP datagram MACs.
 //! * [`route`]: intercept's route table (exact 4-tuple → connection, with idle expiry) and the
 //!   delay queue for SYN/RST responses that beat their `CLIENT_ADD`.
@@ -26,6 +28,7 @@ pub mod codec;
 mod outbuf;
 pub mod replica;
 pub mod route;
+pub mod rxdrops;
 pub mod server;
 pub mod single;
 pub mod udp;

@@ -54,9 +54,10 @@ use crate::control::codec::{
     CLIENT_MESSAGE_LEN, INTERNAL_VERSION,
 };
 use crate::control::outbuf::OutBuf;
+use crate::control::rxdrops::RxDrops;
 use crate::control::udp::{
-    encode_single, epoch_of, Datagram, DatagramBuilder, DatagramKind, SeqWindow, UdpError,
-    MAX_DATAGRAM,
+    encode_single, epoch_of, Datagram, DatagramBuilder, DatagramKind, Ledger, UdpError,
+    HELLO_ACK_BODY_LEN, MAX_DATAGRAM,
 };
 use crate::control::{ControlError, Transport};
 
@@ -195,9 +196,11 @@ pub struct ServerStats {
     pub peers_too_old: u64,
     /// Messages received after the hello.
     pub messages_received: u64,
-    /// Records accepted into a batch.
+    /// Records accepted into a batch (less those whose batch the backlog or the UDP socket
+    /// then refused: those count in `records_dropped`).
     pub records_queued: u64,
-    /// Records dropped because their connection's backlog was full.
+    /// Records dropped because their connection's backlog was full (UDP: the socket refused
+    /// their datagram).
     pub records_dropped: u64,
     /// Records for a connection that no longer exists (or is not confirmed).
     pub records_no_connection: u64,
@@ -218,7 +221,10 @@ pub struct ServerStats {
     pub datagrams_received: u64,
     /// UDP datagrams sent.
     pub datagrams_sent: u64,
-    /// UDP datagrams from tcpcopys that never arrived (gaps in their sequence numbers).
+    /// UDP datagrams from tcpcopys lost on the way: gaps in their sequence numbers (late
+    /// arrivals are taken back; a gap at the tail is seen by the next keepalive), less those
+    /// the tcpcopy reported it never sent and those our own socket dropped
+    /// (`datagrams_receive_dropped`).
     pub datagrams_lost: u64,
     /// UDP datagrams that arrived after a later one.
     pub datagrams_reordered: u64,
@@ -229,6 +235,12 @@ pub struct ServerStats {
     pub datagrams_rejected: u64,
     /// UDP datagrams not sent: the socket's queue was full or the send failed.
     pub datagrams_send_dropped: u64,
+    /// UDP datagrams our socket dropped on arrival, its receive buffer full (the kernel's
+    /// count for the socket, from `/proc`, refreshed every 100 ms).
+    pub datagrams_receive_dropped: u64,
+    /// Route messages the tcpcopys sent (as their keepalive tallies say) that never arrived:
+    /// in datagrams lost on the way or dropped by our socket.
+    pub messages_lost: u64,
 }
 
 /// Keys and sequence state of one UDP session of a peer.
@@ -239,8 +251,7 @@ struct PeerSession {
     epoch: u64,
     up_key: Option<MacKey>,
     down_key: Option<MacKey>,
-    window: SeqWindow,
-    send_seq: u64,
+    ledger: Ledger,
 }
 
 #[derive(Debug)]
@@ -316,15 +327,29 @@ pub struct ControlServer {
     /// UDP: peers by session id.
     peers: HashMap<u64, u32>,
     /// UDP: datagrams waiting for the socket, bounded by `max_buffer_bytes`.
-    send_queue: VecDeque<(SocketAddr, Vec<u8>)>,
+    send_queue: VecDeque<Queued>,
     queued_bytes: usize,
     hello_key: Option<MacKey>,
     scratch: Vec<u8>,
     last_expiry: Instant,
-    /// Window counters of UDP sessions that ended.
+    /// Ledger counters of UDP sessions that ended.
     past_lost: u64,
     past_reordered: u64,
     past_replayed: u64,
+    past_messages_lost: u64,
+    /// UDP: what the socket's full receive buffer dropped.
+    rx_drops: Option<RxDrops>,
+}
+
+/// A datagram waiting for the socket: numbered for the session `(session_id, epoch)`, with
+/// `items` records.
+#[derive(Debug)]
+struct Queued {
+    to: SocketAddr,
+    bytes: Vec<u8>,
+    session_id: u64,
+    epoch: u64,
+    items: usize,
 }
 
 impl ControlServer {
@@ -365,6 +390,10 @@ impl ControlServer {
                 (Endpoint::Udp(s), a)
             }
         };
+        let rx_drops = match &endpoint {
+            Endpoint::Udp(socket) => Some(RxDrops::new(socket)),
+            Endpoint::Tcp(_) => None,
+        };
         let local_addr = match local {
             SocketAddr::V4(a) => a,
             SocketAddr::V6(_) => config.addr,
@@ -403,6 +432,8 @@ impl ControlServer {
             past_lost: 0,
             past_reordered: 0,
             past_replayed: 0,
+            past_messages_lost: 0,
+            rx_drops,
         })
     }
 
@@ -419,21 +450,28 @@ impl ControlServer {
     /// Counters.
     pub fn stats(&self) -> ServerStats {
         let mut s = self.stats;
-        s.datagrams_lost += self.past_lost;
-        s.datagrams_reordered += self.past_reordered;
-        s.datagrams_replayed += self.past_replayed;
+        let mut gaps = self.past_lost;
+        s.datagrams_reordered = self.past_reordered;
+        s.datagrams_replayed = self.past_replayed;
+        s.messages_lost = self.past_messages_lost;
         for slot in &self.slots {
             if let Some(Conn {
                 link: Link::Udp(p), ..
             }) = &slot.conn
             {
                 for sess in p.current.iter().chain(p.pending.iter()) {
-                    s.datagrams_lost += sess.window.lost;
-                    s.datagrams_reordered += sess.window.reordered;
-                    s.datagrams_replayed += sess.window.rejected;
+                    let l = &sess.ledger;
+                    gaps = gaps.saturating_add(l.lost());
+                    s.datagrams_reordered =
+                        s.datagrams_reordered.saturating_add(l.window.reordered);
+                    s.datagrams_replayed = s.datagrams_replayed.saturating_add(l.window.rejected);
+                    s.messages_lost = s.messages_lost.saturating_add(l.items_lost());
                 }
             }
         }
+        // What our socket dropped shows as gaps too: it was not lost on the way.
+        s.datagrams_receive_dropped = self.rx_drops.as_ref().map_or(0, RxDrops::total);
+        s.datagrams_lost = gaps.saturating_sub(s.datagrams_receive_dropped);
         s
     }
 
@@ -621,6 +659,9 @@ impl ControlServer {
         if now.saturating_duration_since(self.last_expiry) >= EXPIRY_CHECK {
             self.last_expiry = now;
             self.expire(now);
+            if let Some(d) = self.rx_drops.as_mut() {
+                d.refresh();
+            }
         }
     }
 
@@ -905,26 +946,31 @@ impl ControlServer {
                     return;
                 }
                 let records = p.batch.count();
-                let Some(session) = p.current.as_mut() else {
+                let numbered = p
+                    .current
+                    .as_ref()
+                    .and_then(|x| Some((x, x.ledger.next_seq()?)));
+                let Some((session, seq)) = numbered else {
                     p.batch.clear();
                     self.stats.records_no_connection += records as u64;
                     return;
                 };
-                session.send_seq += 1;
+                let (session_id, epoch) = (p.session_id, session.epoch);
                 let bytes = p
                     .batch
-                    .finish(
-                        p.session_id,
-                        session.epoch,
-                        session.send_seq,
-                        0,
-                        session.down_key.as_ref(),
-                    )
+                    .finish(session_id, epoch, seq, 0, session.down_key.as_ref())
                     .to_vec();
                 p.batch.clear();
                 self.stats.batches += 1;
-                if !self.udp_send(peer, bytes) {
+                if self.udp_send(peer, bytes, session_id, epoch, records) {
+                    // The number is used only by a datagram the socket took.
+                    if let Some(s) = self.udp_session(session_id, epoch) {
+                        s.ledger.commit(records as u64);
+                    }
+                } else {
                     self.stats.records_dropped += records as u64;
+                    self.stats.records_queued =
+                        self.stats.records_queued.saturating_sub(records as u64);
                 }
             }
         }
@@ -950,9 +996,7 @@ impl ControlServer {
             Link::Udp(p) => {
                 self.peers.remove(&p.session_id);
                 for s in p.current.iter().chain(p.pending.iter()) {
-                    self.past_lost += s.window.lost;
-                    self.past_reordered += s.window.reordered;
-                    self.past_replayed += s.window.rejected;
+                    self.fold(s);
                 }
                 p.batch.count() * self.config.format.record_len()
             }
@@ -993,8 +1037,16 @@ impl ControlServer {
 
     // ---- UDP ----
 
-    /// Sends (or queues) a datagram; `false` if dropped (counted).
-    fn udp_send(&mut self, to: SocketAddr, bytes: Vec<u8>) -> bool {
+    /// Sends (or queues) a datagram numbered for the session `(session_id, epoch)` with
+    /// `items` records; `false` if dropped (counted; its number is then free again).
+    fn udp_send(
+        &mut self,
+        to: SocketAddr,
+        bytes: Vec<u8>,
+        session_id: u64,
+        epoch: u64,
+        items: usize,
+    ) -> bool {
         let Endpoint::Udp(socket) = &self.endpoint else {
             return false;
         };
@@ -1018,26 +1070,69 @@ impl ControlServer {
             return false;
         }
         self.queued_bytes += bytes.len();
-        self.send_queue.push_back((to, bytes));
+        self.send_queue.push_back(Queued {
+            to,
+            bytes,
+            session_id,
+            epoch,
+            items,
+        });
         true
     }
 
     fn drain_queue(&mut self) {
-        let Endpoint::Udp(socket) = &self.endpoint else {
-            return;
-        };
-        while let Some((to, bytes)) = self.send_queue.front() {
-            match socket.send_to(bytes, *to) {
+        loop {
+            let Endpoint::Udp(socket) = &self.endpoint else {
+                return;
+            };
+            let Some(q) = self.send_queue.front() else {
+                return;
+            };
+            match socket.send_to(&q.bytes, q.to) {
                 Ok(n) => {
                     self.stats.datagrams_sent += 1;
                     self.stats.bytes_sent += n as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => self.stats.datagrams_send_dropped += 1,
+                Err(_) => {
+                    self.stats.datagrams_send_dropped += 1;
+                    let (session_id, epoch, items) = (q.session_id, q.epoch, q.items as u64);
+                    self.stats.records_dropped += items;
+                    self.stats.records_queued = self.stats.records_queued.saturating_sub(items);
+                    // Its number was used: the next keepalive reports it skipped.
+                    if let Some(s) = self.udp_session(session_id, epoch) {
+                        s.ledger.abandon(items);
+                    }
+                }
             }
-            self.queued_bytes -= bytes.len();
-            self.send_queue.pop_front();
+            if let Some(q) = self.send_queue.pop_front() {
+                self.queued_bytes -= q.bytes.len();
+            }
         }
+    }
+
+    /// The session `epoch` (current or pending) of the peer `session_id`.
+    fn udp_session(&mut self, session_id: u64, epoch: u64) -> Option<&mut PeerSession> {
+        let &slot = self.peers.get(&session_id)?;
+        let Some(Conn {
+            link: Link::Udp(p), ..
+        }) = self.slots.get_mut(slot as usize)?.conn.as_mut()
+        else {
+            return None;
+        };
+        p.current
+            .iter_mut()
+            .chain(p.pending.iter_mut())
+            .find(|s| s.epoch == epoch)
+    }
+
+    /// Keeps the counters of a session that ends.
+    fn fold(&mut self, s: &PeerSession) {
+        let l = &s.ledger;
+        self.past_lost = self.past_lost.saturating_add(l.lost());
+        self.past_reordered = self.past_reordered.saturating_add(l.window.reordered);
+        self.past_replayed = self.past_replayed.saturating_add(l.window.rejected);
+        self.past_messages_lost = self.past_messages_lost.saturating_add(l.items_lost());
     }
 
     fn udp_read(&mut self, on_event: &mut dyn FnMut(ServerEvent)) {
@@ -1082,21 +1177,31 @@ impl ControlServer {
         let Some(s) = s else {
             return;
         };
-        s.send_seq += 1;
-        let mut body = [0u8; 2 * NONCE_LEN];
+        let Some(seq) = s.ledger.next_seq() else {
+            self.stats.datagrams_send_dropped += 1;
+            return;
+        };
+        // The tally tells tcpcopy what it should have received before this datagram.
+        let mut body = [0u8; HELLO_ACK_BODY_LEN];
         body[..NONCE_LEN].copy_from_slice(&s.ni);
-        body[NONCE_LEN..].copy_from_slice(&s.nc);
+        body[NONCE_LEN..2 * NONCE_LEN].copy_from_slice(&s.nc);
+        body[2 * NONCE_LEN..].copy_from_slice(&s.ledger.tally().encode());
+        let epoch = s.epoch;
         let mut out = std::mem::take(&mut self.scratch);
         encode_single(
             DatagramKind::HelloAck,
-            (session_id, s.epoch, s.send_seq, 0),
+            (session_id, epoch, seq, 0),
             &body,
             s.down_key.as_ref(),
             &mut out,
         );
         let bytes = out.clone();
         self.scratch = out;
-        self.udp_send(to, bytes);
+        if self.udp_send(to, bytes, session_id, epoch, 0) {
+            if let Some(s) = self.udp_session(session_id, epoch) {
+                s.ledger.commit(0);
+            }
+        }
     }
 
     fn new_session(&self, session_id: u64, nc: [u8; NONCE_LEN]) -> Option<PeerSession> {
@@ -1114,8 +1219,7 @@ impl ControlServer {
             epoch: epoch_of(&ni),
             up_key,
             down_key,
-            window: SeqWindow::new(),
-            send_seq: 0,
+            ledger: Ledger::new(),
         })
     }
 
@@ -1196,9 +1300,7 @@ impl ControlServer {
                         }) = self.slots[slot as usize].conn.as_mut()
                         {
                             if let Some(old) = p.pending.replace(session) {
-                                self.past_lost += old.window.lost;
-                                self.past_reordered += old.window.reordered;
-                                self.past_replayed += old.window.rejected;
+                                self.fold(&old);
                             }
                         }
                         self.send_hello_ack(slot, true, from);
@@ -1234,20 +1336,26 @@ impl ControlServer {
                         return Err("bad MAC");
                     }
                 }
-                if !s.window.accept(header.seq).accepted() {
+                let verdict = if header.kind == DatagramKind::Hello {
+                    s.ledger
+                        .accept_keepalive(header.seq, d.tally().unwrap_or_default())
+                } else {
+                    s.ledger.accept(header.seq, u64::from(header.count))
+                };
+                if !verdict.accepted() {
                     return Ok(()); // a duplicate or a replay, counted by the window
                 }
+                let mut ended = None;
                 if pending {
                     // The tcpcopy took up the new session: it replaces the old one.
                     let new = p.pending.take();
-                    if let Some(old) = std::mem::replace(&mut p.current, new) {
-                        self.past_lost += old.window.lost;
-                        self.past_reordered += old.window.reordered;
-                        self.past_replayed += old.window.rejected;
-                    }
+                    ended = std::mem::replace(&mut p.current, new);
                 }
                 p.last_heard = now;
                 *peer = from;
+                if let Some(old) = ended {
+                    self.fold(&old);
+                }
                 self.stats.datagrams_received += 1;
                 if header.kind == DatagramKind::Hello {
                     self.stats.hellos += 1;

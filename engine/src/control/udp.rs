@@ -7,7 +7,8 @@
 //!
 //! ```text
 //!   0   2  magic "TU" (54 55)
-//!   2   1  version 1
+//!   2   1  version 2 (version 1 had no tally; the two do not talk: a datagram of the other
+//!             version is rejected and counted)
 //!   3   1  kind: 1 HELLO (tcpcopy -> intercept), 2 HELLO_ACK (intercept -> tcpcopy),
 //!               3 MESSAGES (tcpcopy -> intercept), 4 RECORDS (intercept -> tcpcopy)
 //!   4   1  flags: 0x01 MAC: a 16-byte tag ends the datagram (authentication on)
@@ -21,12 +22,18 @@
 //!             opening HELLO
 //!  24   8  sequence: per session and direction, from 1; 0 in an opening HELLO
 //!  32   .  body:
-//!             HELLO      16 bytes: Nc, tcpcopy's nonce for this session
-//!             HELLO_ACK  32 bytes: Ni (16), then Nc echoed (16)
+//!             HELLO      32 bytes: Nc, tcpcopy's nonce for this session (16), tally (16)
+//!             HELLO_ACK  48 bytes: Ni (16), then Nc echoed (16), tally (16)
 //!             MESSAGES   count x 14 bytes: msg_clt_t exactly as on TCP (CLIENT_ADD/DEL)
 //!             RECORDS    count x 64 (or 192) bytes: msg_server_t exactly as on TCP
-//!   .  16  (flag MAC) HMAC-SHA256 tag truncated to 16 bytes over all bytes before it; keys
-//!             in [`auth`](crate::control::auth)
+//!   .  16  (flag MAC) HMAC-SHA256 tag truncated to 16 bytes over all bytes before it (the
+//!             tally included); keys in [`auth`](crate::control::auth)
+//!
+//!  tally (a [`Tally`]; zero in an opening HELLO, ignored there):
+//!   0   8  items: messages (tcpcopy) or records (intercept) in the datagrams of this session
+//!             numbered before this one and handed to the socket
+//!   8   8  skipped: sequence numbers of this session used by datagrams that the socket then
+//!             refused (so the receiver does not count them lost on the way)
 //! ```
 //!
 //! A datagram is at most [`MAX_DATAGRAM`] bytes (1472: one Ethernet frame, no IP fragments):
@@ -44,19 +51,36 @@
 //! restarted intercept does not know the session: it answers the next KEYED HELLO with a new
 //! Ni, and tcpcopy takes up the new session.
 //!
-//! Each receiver keeps a [`SeqWindow`] per session: a sequence number above the highest seen
-//! counts the skipped ones as lost; one that fills a gap later un-counts it (reordered); one
-//! already seen (a duplicate or a replay) or older than the window is dropped.
+//! # Loss accounting
+//!
+//! Each end keeps a [`Ledger`] per session. A datagram takes the next sequence number only
+//! when the socket takes it (sent, or queued while the socket is full); one the socket then
+//! refuses is reported in the tally as *skipped*. The receiver's [`SeqWindow`] counts a
+//! sequence number above the highest seen as having skipped the ones between (lost); one that
+//! fills a gap later un-counts it (reordered); one already seen (a duplicate or a replay),
+//! older than the window, or implausibly far ahead ([`MAX_SEQ_JUMP`]) is dropped.
+//!
+//! A gap shows only when a later datagram arrives, so the keepalives close the tail: a KEYED
+//! HELLO or HELLO_ACK carries the next sequence number of its sender (every earlier one is
+//! then accounted for) and its tally. tcpcopy sends a KEYED HELLO every keepalive interval
+//! ([`Keepalive`]) and intercept answers each with a HELLO_ACK, so datagrams lost at the end of
+//! a burst are counted within one keepalive interval plus the one-way delay (intercept's
+//! count of lost MESSAGES) or the round trip (tcpcopy's count of lost RECORDS); each
+//! keepalive lost as well adds an interval. The tally also gives the items lost: the peer's
+//! `items` less the items received ([`Ledger::items_lost`]). What the receiving socket itself
+//! dropped (its buffer full) is read from the kernel and reported apart from what was lost on
+//! the way (see [`rxdrops`](crate::control::rxdrops)).
 
 use std::fmt;
+use std::time::{Duration, Instant};
 
 use crate::control::auth::{MacKey, NONCE_LEN, UDP_MAC_LEN};
 use crate::control::codec::{RecordFormat, CLIENT_MESSAGE_LEN};
 
 /// Magic of every datagram.
 pub const UDP_MAGIC: [u8; 2] = *b"TU";
-/// Version byte.
-pub const UDP_VERSION: u8 = 1;
+/// Version byte (2: HELLO and HELLO_ACK end with a [`Tally`]).
+pub const UDP_VERSION: u8 = 2;
 /// Length of the datagram header.
 pub const UDP_HEADER_LEN: usize = 32;
 /// Largest datagram sent (1500-byte MTU minus IPv4 and UDP headers).
@@ -67,12 +91,19 @@ pub const FLAG_MAC: u8 = 0x01;
 pub const FLAG_KEYED: u8 = 0x02;
 /// Flag: RECORDS hold 192-byte records.
 pub const FLAG_PAYLOAD: u8 = 0x04;
-/// Length of a HELLO body.
-pub const HELLO_BODY_LEN: usize = NONCE_LEN;
-/// Length of a HELLO_ACK body.
-pub const HELLO_ACK_BODY_LEN: usize = 2 * NONCE_LEN;
+/// Length of the [`Tally`] that ends HELLO and HELLO_ACK bodies.
+pub const TALLY_LEN: usize = 16;
+/// Length of a HELLO body (Nc, tally).
+pub const HELLO_BODY_LEN: usize = NONCE_LEN + TALLY_LEN;
+/// Length of a HELLO_ACK body (Ni, Nc, tally).
+pub const HELLO_ACK_BODY_LEN: usize = 2 * NONCE_LEN + TALLY_LEN;
 /// Sequence numbers a [`SeqWindow`] remembers below the highest.
 pub const SEQ_WINDOW: u64 = 128;
+/// Largest step above the highest sequence number a [`SeqWindow`] accepts: a peer that lost
+/// this many datagrams in a row is counted down long before, so a larger step is forged or
+/// corrupt, and refusing it keeps a hostile peer from pushing the window to `u64::MAX` (where
+/// nothing newer could follow).
+pub const MAX_SEQ_JUMP: u64 = 1 << 24;
 
 /// The kind of a datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -329,13 +360,72 @@ impl<'a> Datagram<'a> {
     /// The HELLO's Nc, or the HELLO_ACK's `(Ni, Nc)`.
     pub fn nonces(&self) -> ([u8; NONCE_LEN], Option<[u8; NONCE_LEN]>) {
         let mut first = [0u8; NONCE_LEN];
-        first.copy_from_slice(&self.body[..NONCE_LEN.min(self.body.len())]);
-        let second = (self.body.len() >= 2 * NONCE_LEN).then(|| {
-            let mut s = [0u8; NONCE_LEN];
-            s.copy_from_slice(&self.body[NONCE_LEN..2 * NONCE_LEN]);
-            s
-        });
+        let n = NONCE_LEN.min(self.body.len());
+        first[..n].copy_from_slice(&self.body[..n]);
+        let second = (self.header.kind == DatagramKind::HelloAck
+            && self.body.len() >= 2 * NONCE_LEN)
+            .then(|| {
+                let mut s = [0u8; NONCE_LEN];
+                s.copy_from_slice(&self.body[NONCE_LEN..2 * NONCE_LEN]);
+                s
+            });
         (first, second)
+    }
+
+    /// The tally of a HELLO or HELLO_ACK (its last [`TALLY_LEN`] body bytes); `None` for
+    /// MESSAGES and RECORDS.
+    pub fn tally(&self) -> Option<Tally> {
+        match self.header.kind {
+            DatagramKind::Hello | DatagramKind::HelloAck if self.body.len() >= TALLY_LEN => {
+                let mut b = [0u8; TALLY_LEN];
+                b.copy_from_slice(&self.body[self.body.len() - TALLY_LEN..]);
+                Some(Tally::decode(&b))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What one end has sent in a session, as of the keepalive (HELLO or HELLO_ACK) carrying it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Items (messages or records) in the datagrams numbered before the keepalive and handed
+    /// to the socket.
+    pub items: u64,
+    /// Sequence numbers used by datagrams the socket then refused (never sent).
+    pub skipped: u64,
+}
+
+impl Tally {
+    /// The [`TALLY_LEN`] wire bytes.
+    pub fn encode(&self) -> [u8; TALLY_LEN] {
+        let mut b = [0u8; TALLY_LEN];
+        b[..8].copy_from_slice(&self.items.to_be_bytes());
+        b[8..].copy_from_slice(&self.skipped.to_be_bytes());
+        b
+    }
+
+    /// The tally of [`TALLY_LEN`] wire bytes.
+    pub fn decode(b: &[u8; TALLY_LEN]) -> Tally {
+        let mut items = [0u8; 8];
+        let mut skipped = [0u8; 8];
+        items.copy_from_slice(&b[..8]);
+        skipped.copy_from_slice(&b[8..]);
+        Tally {
+            items: u64::from_be_bytes(items),
+            skipped: u64::from_be_bytes(skipped),
+        }
+    }
+
+    /// This tally made plausible for a keepalive numbered `seq`: no more numbers skipped than
+    /// were used before it, no more than 255 items per datagram (a hostile peer cannot make
+    /// the counters derived from it larger than its own sequence numbers allow).
+    pub fn clamped(self, seq: u64) -> Tally {
+        let before = seq.saturating_sub(1);
+        Tally {
+            items: self.items.min(before.saturating_mul(255)),
+            skipped: self.skipped.min(before),
+        }
     }
 }
 
@@ -491,6 +581,8 @@ pub enum SeqVerdict {
     Duplicate,
     /// Older than the window: cannot be told from a replay. Drop it.
     TooOld,
+    /// More than [`MAX_SEQ_JUMP`] above the highest: forged or corrupt. Drop it.
+    TooFar,
 }
 
 impl SeqVerdict {
@@ -511,7 +603,7 @@ pub struct SeqWindow {
     pub lost: u64,
     /// Numbers that arrived after a higher one.
     pub reordered: u64,
-    /// Duplicates and too-old numbers dropped.
+    /// Duplicates, too-old and too-far numbers dropped.
     pub rejected: u64,
 }
 
@@ -529,32 +621,175 @@ impl SeqWindow {
     /// Records `seq` (call only after the datagram's MAC verified) and updates the counters.
     pub fn accept(&mut self, seq: u64) -> SeqVerdict {
         if seq == 0 {
-            self.rejected += 1;
+            self.rejected = self.rejected.saturating_add(1);
             return SeqVerdict::TooOld;
         }
         if seq > self.highest {
-            let skipped = seq - self.highest - 1;
             let shift = seq - self.highest;
+            if shift > MAX_SEQ_JUMP {
+                self.rejected = self.rejected.saturating_add(1);
+                return SeqVerdict::TooFar;
+            }
+            let skipped = shift - 1;
             self.seen = if shift >= 128 { 0 } else { self.seen << shift };
             self.seen |= 1;
             self.highest = seq;
-            self.lost += skipped;
+            self.lost = self.lost.saturating_add(skipped);
             return SeqVerdict::New { skipped };
         }
         let back = self.highest - seq;
         if back >= SEQ_WINDOW {
-            self.rejected += 1;
+            self.rejected = self.rejected.saturating_add(1);
             return SeqVerdict::TooOld;
         }
         let bit = 1u128 << back;
         if self.seen & bit != 0 {
-            self.rejected += 1;
+            self.rejected = self.rejected.saturating_add(1);
             return SeqVerdict::Duplicate;
         }
         self.seen |= bit;
         self.lost = self.lost.saturating_sub(1);
-        self.reordered += 1;
+        self.reordered = self.reordered.saturating_add(1);
         SeqVerdict::Late
+    }
+}
+
+/// The sequence numbers and loss accounting of one session at one end, both directions
+/// (sans-IO: the caller does the sending). Sending: [`next_seq`](Self::next_seq) numbers a
+/// datagram, [`commit`](Self::commit) once the socket took it (sent or queued),
+/// [`abandon`](Self::abandon) if a queued one was then refused; [`tally`](Self::tally) goes
+/// into each keepalive. Receiving: [`accept`](Self::accept) for MESSAGES and RECORDS,
+/// [`accept_keepalive`](Self::accept_keepalive) for HELLO and HELLO_ACK (their tally).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ledger {
+    /// Highest sequence number used.
+    sent: u64,
+    items_sent: u64,
+    skipped: u64,
+    /// The peer's sequence numbers.
+    pub window: SeqWindow,
+    items_received: u64,
+    peer: Tally,
+}
+
+impl Ledger {
+    /// A ledger with nothing sent or received.
+    pub fn new() -> Ledger {
+        Ledger::default()
+    }
+
+    /// The number of the next datagram; `None` once the numbers are used up (2^64 - 1
+    /// datagrams: the session must start over).
+    pub fn next_seq(&self) -> Option<u64> {
+        self.sent.checked_add(1)
+    }
+
+    /// The datagram numbered [`next_seq`](Self::next_seq) was taken by the socket (sent or
+    /// queued), with `items` messages or records.
+    pub fn commit(&mut self, items: u64) {
+        self.sent = self.sent.saturating_add(1);
+        self.items_sent = self.items_sent.saturating_add(items);
+    }
+
+    /// A committed datagram with `items` was then refused by the socket: its number is
+    /// reported as skipped and its items as never sent.
+    pub fn abandon(&mut self, items: u64) {
+        self.skipped = self.skipped.saturating_add(1);
+        self.items_sent = self.items_sent.saturating_sub(items);
+    }
+
+    /// What this end has sent, for the next keepalive.
+    pub fn tally(&self) -> Tally {
+        Tally {
+            items: self.items_sent,
+            skipped: self.skipped,
+        }
+    }
+
+    /// Highest sequence number used (datagrams numbered so far).
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// Records the sequence number of a MESSAGES or RECORDS datagram with `items` (call only
+    /// after its MAC verified); its items count as received when it is accepted.
+    pub fn accept(&mut self, seq: u64, items: u64) -> SeqVerdict {
+        let verdict = self.window.accept(seq);
+        if verdict.accepted() {
+            self.items_received = self.items_received.saturating_add(items);
+        }
+        verdict
+    }
+
+    /// Records the sequence number of a keepalive (KEYED HELLO or HELLO_ACK) and, when it is
+    /// the newest datagram yet, its sender's tally: every number below it is now accounted
+    /// for (received or lost) and the items lost are known.
+    pub fn accept_keepalive(&mut self, seq: u64, tally: Tally) -> SeqVerdict {
+        let verdict = self.window.accept(seq);
+        if matches!(verdict, SeqVerdict::New { .. }) {
+            self.peer = tally.clamped(seq);
+        }
+        verdict
+    }
+
+    /// The peer's datagrams lost on the way to this end's socket or dropped by it: gaps in
+    /// its sequence numbers, less the numbers it reported skipped.
+    pub fn lost(&self) -> u64 {
+        self.window.lost.saturating_sub(self.peer.skipped)
+    }
+
+    /// Items (messages or records) the peer sent, as of its latest keepalive, that never
+    /// arrived here (their datagrams lost).
+    pub fn items_lost(&self) -> u64 {
+        self.peer.items.saturating_sub(self.items_received)
+    }
+
+    /// Items received in accepted datagrams.
+    pub fn items_received(&self) -> u64 {
+        self.items_received
+    }
+
+    /// The peer's latest tally.
+    pub fn peer_tally(&self) -> Tally {
+        self.peer
+    }
+}
+
+/// When the next keepalive is due (sans-IO: `now` is passed in). A session's keepalives are
+/// what bound the time a loss at the tail of a burst stays uncounted: see the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    interval: Duration,
+    next: Instant,
+}
+
+impl Keepalive {
+    /// The first keepalive is due at `now + interval` (at least 1 ms).
+    pub fn new(now: Instant, interval: Duration) -> Keepalive {
+        let interval = interval.max(Duration::from_millis(1));
+        Keepalive {
+            interval,
+            next: now + interval,
+        }
+    }
+
+    /// Whether a keepalive is due at `now`; if so the next one is scheduled an interval later.
+    pub fn due(&mut self, now: Instant) -> bool {
+        if now < self.next {
+            return false;
+        }
+        self.next = now + self.interval;
+        true
+    }
+
+    /// When the next keepalive is due.
+    pub fn deadline(&self) -> Instant {
+        self.next
+    }
+
+    /// The interval.
+    pub fn interval(&self) -> Duration {
+        self.interval
     }
 }
 
@@ -581,24 +816,28 @@ mod tests {
     #[test]
     fn hello_golden_plain_and_authenticated() {
         let nc = [0xaa; 16];
+        let mut body = nc.to_vec();
+        body.extend_from_slice(&[0; 16]);
         let mut out = Vec::new();
         encode_single(
             DatagramKind::Hello,
             (0x0102_0304_0506_0708, 0, 0, 0),
-            &nc,
+            &body,
             None,
             &mut out,
         );
-        let mut expected = vec![0x54, 0x55, 0x01, 0x01, 0x00, 0x01, 0x00, 0x00];
+        let mut expected = vec![0x54, 0x55, 0x02, 0x01, 0x00, 0x01, 0x00, 0x00];
         expected.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
         expected.extend_from_slice(&[0; 8]);
         expected.extend_from_slice(&[0; 8]);
         expected.extend_from_slice(&[0xaa; 16]);
+        expected.extend_from_slice(&[0; 16]);
         assert_eq!(out, expected);
         let d = Datagram::parse(&out, false, RecordFormat::Header64).unwrap();
         assert_eq!(d.header.kind, DatagramKind::Hello);
         assert_eq!(d.header.session, 0x0102_0304_0506_0708);
         assert_eq!(d.nonces(), (nc, None));
+        assert_eq!(d.tally(), Some(Tally::default()));
         assert!(!d.header.is_keyed());
 
         let secret = Secret::new(b"0123456789abcdef-lab-secret").unwrap();
@@ -606,7 +845,7 @@ mod tests {
         encode_single(
             DatagramKind::Hello,
             (0x0102_0304_0506_0708, 0, 0, 0),
-            &nc,
+            &body,
             Some(&key),
             &mut out,
         );
@@ -632,22 +871,56 @@ mod tests {
         let mut out = Vec::new();
         let mut body = vec![0x22; 16];
         body.extend_from_slice(&[0x11; 16]);
+        let tally = Tally {
+            items: 0x0102,
+            skipped: 3,
+        };
+        body.extend_from_slice(&tally.encode());
         encode_single(
             DatagramKind::HelloAck,
-            (9, 0x2222_2222_2222_2222, 1, 0),
+            (9, 0x2222_2222_2222_2222, 7, 0),
             &body,
             None,
             &mut out,
         );
-        let mut expected = vec![0x54, 0x55, 0x01, 0x02, 0x00, 0x01, 0x00, 0x00];
+        let mut expected = vec![0x54, 0x55, 0x02, 0x02, 0x00, 0x01, 0x00, 0x00];
         expected.extend_from_slice(&9u64.to_be_bytes());
         expected.extend_from_slice(&[0x22; 8]);
-        expected.extend_from_slice(&1u64.to_be_bytes());
-        expected.extend_from_slice(&body);
+        expected.extend_from_slice(&7u64.to_be_bytes());
+        expected.extend_from_slice(&[0x22; 16]);
+        expected.extend_from_slice(&[0x11; 16]);
+        expected.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0x01, 0x02]);
+        expected.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 3]);
         assert_eq!(out, expected);
         let d = Datagram::parse(&out, false, RecordFormat::Header64).unwrap();
         assert_eq!(d.nonces(), ([0x22; 16], Some([0x11; 16])));
+        assert_eq!(d.tally(), Some(tally));
         assert_eq!(epoch_of(&[0x22; 16]), d.header.epoch);
+        // The tally is covered by the MAC like every other byte.
+        let secret = Secret::new(b"0123456789abcdef-lab-secret").unwrap();
+        let (_, down) = secret.udp_session_keys(9, &[0x11; 16], &[0x22; 16]);
+        encode_single(
+            DatagramKind::HelloAck,
+            (9, 0x2222_2222_2222_2222, 7, 0),
+            &body,
+            Some(&down),
+            &mut out,
+        );
+        let mut forged = out.clone();
+        forged[32 + 32 + 7] ^= 0xff; // items
+        assert!(Datagram::parse(&out, true, RecordFormat::Header64)
+            .unwrap()
+            .verify(&down));
+        assert!(!Datagram::parse(&forged, true, RecordFormat::Header64)
+            .unwrap()
+            .verify(&down));
+        // A version-1 HELLO_ACK (no tally) is refused by its version byte.
+        let mut v1 = expected[..32 + 32].to_vec();
+        v1[2] = 1;
+        assert_eq!(
+            Datagram::parse(&v1, false, RecordFormat::Header64).unwrap_err(),
+            UdpError::BadVersion(1)
+        );
     }
 
     #[test]
@@ -663,7 +936,7 @@ mod tests {
         assert!(!b.push(&del).unwrap());
         assert!(b.push(&[0; 13]).is_err());
         let out = b.finish(5, 7, 3, 0, None).to_vec();
-        let mut expected = vec![0x54, 0x55, 0x01, 0x03, 0x00, 0x02, 0x00, 0x00];
+        let mut expected = vec![0x54, 0x55, 0x02, 0x03, 0x00, 0x02, 0x00, 0x00];
         expected.extend_from_slice(&5u64.to_be_bytes());
         expected.extend_from_slice(&7u64.to_be_bytes());
         expected.extend_from_slice(&3u64.to_be_bytes());
@@ -691,7 +964,7 @@ mod tests {
             let out = b
                 .finish(5, 0x0202_0202_0202_0202, 1, 0, Some(&down))
                 .to_vec();
-            let mut expected = vec![0x54, 0x55, 0x01, 0x04, flag, 0x01, 0x00, 0x00];
+            let mut expected = vec![0x54, 0x55, 0x02, 0x04, flag, 0x01, 0x00, 0x00];
             expected.extend_from_slice(&5u64.to_be_bytes());
             expected.extend_from_slice(&[2; 8]);
             expected.extend_from_slice(&1u64.to_be_bytes());
@@ -702,6 +975,7 @@ mod tests {
             let d = Datagram::parse(&out, true, format).unwrap();
             assert!(d.verify(&down));
             assert_eq!(d.items().count(), 1);
+            assert_eq!(d.tally(), None);
             // A flipped bit anywhere fails the MAC.
             let mut bad = out.clone();
             bad[40] ^= 1;
@@ -738,7 +1012,7 @@ mod tests {
             UdpError::TooShort(10)
         );
         let mut out = Vec::new();
-        encode_single(DatagramKind::Hello, (1, 0, 0, 0), &[0; 16], None, &mut out);
+        encode_single(DatagramKind::Hello, (1, 0, 0, 0), &[0; 32], None, &mut out);
         let mut b = out.clone();
         b[0] = b'X';
         assert!(matches!(
@@ -746,10 +1020,10 @@ mod tests {
             Err(UdpError::BadMagic(_))
         ));
         let mut b = out.clone();
-        b[2] = 2;
+        b[2] = 1;
         assert_eq!(
             Datagram::parse(&b, false, f).unwrap_err(),
-            UdpError::BadVersion(2)
+            UdpError::BadVersion(1)
         );
         let mut b = out.clone();
         b[3] = 9;
@@ -762,8 +1036,8 @@ mod tests {
         assert!(matches!(
             Datagram::parse(&b, false, f),
             Err(UdpError::BadLength {
-                expected: 16,
-                have: 17
+                expected: 32,
+                have: 33
             })
         ));
         let mut b = out.clone();
@@ -773,6 +1047,20 @@ mod tests {
             Datagram::parse(&b, false, f),
             Err(UdpError::BadLength { expected: 192, .. })
         ));
+        // A version-1 HELLO (16-byte body) under version 2 is too short.
+        let mut b = out[..48].to_vec();
+        assert!(matches!(
+            Datagram::parse(&b, false, f),
+            Err(UdpError::BadLength {
+                expected: 32,
+                have: 16
+            })
+        ));
+        b[2] = 1;
+        assert_eq!(
+            Datagram::parse(&b, false, f).unwrap_err(),
+            UdpError::BadVersion(1)
+        );
         assert_eq!(
             Datagram::parse(&out, true, f).unwrap_err(),
             UdpError::MacPresence {
@@ -832,5 +1120,233 @@ mod tests {
         }
         let max = *seen.iter().max().unwrap();
         assert_eq!(w.lost, max - seen.len() as u64);
+    }
+
+    #[test]
+    fn window_refuses_implausible_jumps_and_never_wedges() {
+        let mut w = SeqWindow::new();
+        assert_eq!(w.accept(1), SeqVerdict::New { skipped: 0 });
+        // A forged number near the end of the space is refused, and the session goes on.
+        assert_eq!(w.accept(u64::MAX), SeqVerdict::TooFar);
+        assert_eq!(w.accept(2 + MAX_SEQ_JUMP), SeqVerdict::TooFar);
+        assert_eq!(w.accept(2), SeqVerdict::New { skipped: 0 });
+        assert_eq!(
+            w.accept(2 + MAX_SEQ_JUMP),
+            SeqVerdict::New {
+                skipped: MAX_SEQ_JUMP - 1
+            }
+        );
+        assert_eq!(w.rejected, 2);
+        // At the very top of the space (unreachable in practice: 2^40 jumps of the largest
+        // size) the counters saturate and nothing panics.
+        let mut w = SeqWindow {
+            highest: u64::MAX - 3,
+            seen: 1,
+            lost: u64::MAX - 1,
+            reordered: u64::MAX,
+            rejected: u64::MAX,
+        };
+        assert_eq!(w.accept(u64::MAX), SeqVerdict::New { skipped: 2 });
+        assert_eq!(w.lost, u64::MAX);
+        assert_eq!(w.accept(u64::MAX), SeqVerdict::Duplicate);
+        assert_eq!(w.accept(u64::MAX - 1), SeqVerdict::Late);
+        assert_eq!((w.reordered, w.rejected), (u64::MAX, u64::MAX));
+        // A sender whose numbers are used up says so instead of wrapping.
+        let mut l = Ledger::new();
+        l.sent = u64::MAX - 1;
+        assert_eq!(l.next_seq(), Some(u64::MAX));
+        l.commit(u64::MAX);
+        l.commit(5);
+        assert_eq!(l.next_seq(), None);
+        assert_eq!(l.tally().items, u64::MAX);
+    }
+
+    #[test]
+    fn a_hostile_tally_is_clamped() {
+        let t = Tally {
+            items: u64::MAX,
+            skipped: u64::MAX,
+        };
+        assert_eq!(
+            t.clamped(11),
+            Tally {
+                items: 2550,
+                skipped: 10
+            }
+        );
+        assert_eq!(t.clamped(0), Tally::default());
+        assert_eq!(t.clamped(u64::MAX).skipped, u64::MAX - 1);
+        let mut l = Ledger::new();
+        assert!(l.accept(1, 3).accepted());
+        assert!(l.accept_keepalive(2, t).accepted());
+        // The peer claims 255 items per datagram and one skipped number: bounded by its seq.
+        assert_eq!(l.items_lost(), 255 - 3);
+        assert_eq!(l.lost(), 0);
+    }
+
+    /// One end sending to another on a virtual clock: datagrams of `items` each, some lost.
+    struct Pair {
+        now: Instant,
+        sender: Ledger,
+        keepalive: Keepalive,
+        receiver: Ledger,
+    }
+
+    impl Pair {
+        fn new(interval: Duration) -> Pair {
+            let now = Instant::now();
+            Pair {
+                now,
+                sender: Ledger::new(),
+                keepalive: Keepalive::new(now, interval),
+                receiver: Ledger::new(),
+            }
+        }
+
+        /// A data datagram; `arrives` says whether the path delivers it.
+        fn data(&mut self, items: u64, arrives: bool) {
+            let seq = self.sender.next_seq().unwrap();
+            self.sender.commit(items);
+            if arrives {
+                assert!(self.receiver.accept(seq, items).accepted());
+            }
+        }
+
+        /// Moves the clock by `step`, sending the keepalive if it is due.
+        fn tick(&mut self, step: Duration, arrives: bool) -> bool {
+            self.now += step;
+            if !self.keepalive.due(self.now) {
+                return false;
+            }
+            let seq = self.sender.next_seq().unwrap();
+            let tally = self.sender.tally();
+            self.sender.commit(0);
+            if arrives {
+                assert!(self.receiver.accept_keepalive(seq, tally).accepted());
+            }
+            true
+        }
+    }
+
+    #[test]
+    fn a_tail_loss_is_counted_within_one_keepalive_interval() {
+        let interval = Duration::from_millis(1000);
+        let step = Duration::from_millis(10);
+        for n in 1..=5u64 {
+            let mut p = Pair::new(interval);
+            // A burst of 10 datagrams of 101 messages; the last `n` are lost.
+            let t0 = p.now;
+            for i in 0..10 {
+                p.data(101, i < 10 - n);
+            }
+            // Silent: no later datagram, so nothing is seen yet.
+            assert_eq!((p.receiver.lost(), p.receiver.items_lost()), (0, 0));
+            let mut counted_at = None;
+            while p.now < t0 + 3 * interval {
+                p.tick(step, true);
+                if counted_at.is_none() && p.receiver.lost() == n {
+                    counted_at = Some(p.now);
+                }
+            }
+            // Exactly `n` lost, their messages too, by the first keepalive (virtual time).
+            assert_eq!(p.receiver.lost(), n);
+            assert_eq!(p.receiver.items_lost(), 101 * n);
+            assert_eq!(p.receiver.items_received(), 101 * (10 - n));
+            assert!(counted_at.unwrap() <= t0 + interval, "{n}");
+        }
+    }
+
+    #[test]
+    fn a_lost_keepalive_delays_the_count_by_one_interval() {
+        let interval = Duration::from_millis(1000);
+        let mut p = Pair::new(interval);
+        let t0 = p.now;
+        for i in 0..4 {
+            p.data(22, i < 2);
+        }
+        // The first keepalive is lost too.
+        assert!(p.tick(interval, false));
+        assert_eq!(p.receiver.lost(), 0);
+        assert!(!p.tick(interval / 2, true));
+        assert!(p.tick(interval / 2, true));
+        assert_eq!(p.now, t0 + 2 * interval);
+        // Two records datagrams and the first keepalive.
+        assert_eq!(p.receiver.lost(), 3);
+        assert_eq!(p.receiver.items_lost(), 44);
+    }
+
+    #[test]
+    fn skipped_numbers_are_not_lost_on_the_way() {
+        let mut p = Pair::new(Duration::from_millis(20));
+        p.data(5, true);
+        // Numbered and queued, then refused by the socket: the sender abandons it.
+        let seq = p.sender.next_seq().unwrap();
+        p.sender.commit(7);
+        p.sender.abandon(7);
+        assert_eq!(seq, 2);
+        p.data(5, true);
+        // The receiver sees a gap before the keepalive says it was never sent.
+        assert_eq!(p.receiver.lost(), 1);
+        p.tick(Duration::from_millis(20), true);
+        assert_eq!(p.receiver.lost(), 0);
+        assert_eq!(p.receiver.items_lost(), 0);
+        assert_eq!(
+            p.sender.tally(),
+            Tally {
+                items: 10,
+                skipped: 1
+            }
+        );
+    }
+
+    #[test]
+    fn ledger_against_reference() {
+        // Deterministic drops, reordering and skipped numbers: once the last keepalive is in,
+        // the receiver's counts equal the reference's.
+        let mut state = 99u64;
+        let mut rand = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            state >> 33
+        };
+        let mut sender = Ledger::new();
+        let mut receiver = Ledger::new();
+        let mut in_flight: Vec<(u64, u64, Option<Tally>)> = Vec::new();
+        let (mut dropped, mut dropped_items) = (0u64, 0u64);
+        for i in 0..20_000u64 {
+            let seq = sender.next_seq().unwrap();
+            let keepalive = i % 97 == 96 || i == 19_999;
+            let items = if keepalive { 0 } else { 1 + rand() % 101 };
+            let tally = keepalive.then(|| sender.tally());
+            sender.commit(items);
+            if !keepalive && rand() % 200 == 0 {
+                sender.abandon(items); // refused by the socket after numbering
+                continue;
+            }
+            if rand() % 50 == 0 && i != 19_999 {
+                dropped += 1;
+                dropped_items += items;
+                continue;
+            }
+            in_flight.push((seq, items, tally));
+            // Deliver with a little reordering.
+            if in_flight.len() > 4 || i == 19_999 {
+                let k = (rand() as usize) % in_flight.len();
+                let last = in_flight.len() - 1;
+                in_flight.swap(k, last);
+                while let Some((seq, items, tally)) = in_flight.pop() {
+                    match tally {
+                        Some(t) => assert!(receiver.accept_keepalive(seq, t).accepted()),
+                        None => assert!(receiver.accept(seq, items).accepted()),
+                    }
+                }
+            }
+        }
+        // The last datagram was a keepalive delivered last-but-reordered: one more to close.
+        let seq = sender.next_seq().unwrap();
+        assert!(receiver.accept_keepalive(seq, sender.tally()).accepted());
+        assert_eq!(receiver.lost(), dropped);
+        assert_eq!(receiver.items_lost(), dropped_items);
     }
 }

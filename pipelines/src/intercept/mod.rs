@@ -173,6 +173,7 @@ impl InterceptStats {
              ring-full {} ignored {} | routes {} add {} del {} foreign-add {} foreign-del {} \
              owner-full {} | connections {} lost {} peers-refused {} \
              auth-ok {} auth-refused {} single-refused {} | udp-rx {} udp-tx {} udp-lost {} \
+             udp-tx-dropped {} udp-rx-dropped {} messages-lost {} \
              udp-reordered {} udp-replayed {} udp-rejected {} | capture-drops {} capture-duplicates {}",
             self.captured,
             self.replies,
@@ -198,6 +199,9 @@ impl InterceptStats {
             c.datagrams_received,
             c.datagrams_sent,
             c.datagrams_lost,
+            c.datagrams_send_dropped,
+            c.datagrams_receive_dropped,
+            c.messages_lost,
             c.datagrams_reordered,
             c.datagrams_replayed,
             c.datagrams_rejected,
@@ -1005,6 +1009,9 @@ mod tests {
         for word in [
             "auth-refused",
             "udp-lost",
+            "udp-tx-dropped",
+            "udp-rx-dropped",
+            "messages-lost",
             "udp-rejected",
             "ring-full",
             " lost ",

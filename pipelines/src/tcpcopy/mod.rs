@@ -233,7 +233,8 @@ impl TcpcopyStats {
              sessions {} created {} mid-stream {} reconstructed {} module-prefixes {} module-vetoed {} established {} answered {} closed {} client-rst {} target-rst {} timed-out {} gave-up {} \
              port-reuse-reset {} port-reuse-replaced {} stale-at-target {} table-full {} no-session {} queue-full {} client-retransmits {} hole-fills {} | sent {} data {} syn {} fin {} rst {} acks {} \
              retransmits {} pace-releases {} tx-errors {} | replies {} (data {}) unmatched {} | \
-             control up {} sent {} dropped {} reconnects {} queue-full {} udp-lost {} udp-rejected {} \
+             control up {} sent {} dropped {} reconnects {} queue-full {} udp-tx {} udp-rx {} udp-lost {} \
+             udp-tx-dropped {} udp-rx-dropped {} records-lost {} udp-rejected {} \
              udp-replayed {} auth-failures {} | shed {} dumped {} dump-dropped {}",
             i.captured,
             self.capture.rx_dropped,
@@ -294,7 +295,12 @@ impl TcpcopyStats {
             self.control.messages_dropped,
             self.control.reconnects,
             self.control_queue_full,
+            self.control.datagrams_sent,
+            self.control.datagrams_received,
             self.control.datagrams_lost,
+            self.control.datagrams_send_dropped,
+            self.control.datagrams_receive_dropped,
+            self.control.records_lost,
             self.control.datagrams_rejected,
             self.control.datagrams_replayed,
             self.control.auth_failures,
