@@ -71,6 +71,12 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default silence after which a UDP tcpcopy is forgotten (its routes go).
 pub const DEFAULT_UDP_PEER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound on connections (UDP: peers) from one address.
+pub const DEFAULT_MAX_PER_ADDRESS: usize = 64;
+/// Default time a TCP peer has, from its connect, to send the hello (after authentication).
+pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default opening HELLOs of new UDP sessions answered per second (and burst).
+pub const DEFAULT_NEW_UDP_SESSIONS_PER_SECOND: u32 = 512;
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
@@ -157,6 +163,15 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// UDP: a tcpcopy silent this long is forgotten (reported `Disconnected`).
     pub udp_peer_timeout: Duration,
+    /// Most connections (UDP: peers) from one address; more are refused (counted).
+    pub max_per_address: usize,
+    /// Time a TCP peer has, from its connect, to send its hello; then it is closed.
+    pub hello_timeout: Duration,
+    /// UDP: opening HELLOs of new sessions answered per second (a token bucket with as big a
+    /// burst); more are dropped (counted), so spoofed HELLOs neither fill the peer slots
+    /// faster than that nor turn intercept into a reflector. Unconfirmed peers may hold at
+    /// most a quarter of `max_connections`.
+    pub new_udp_sessions_per_second: u32,
 }
 
 impl ServerConfig {
@@ -173,6 +188,9 @@ impl ServerConfig {
             auth: None,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             udp_peer_timeout: DEFAULT_UDP_PEER_TIMEOUT,
+            max_per_address: DEFAULT_MAX_PER_ADDRESS,
+            hello_timeout: DEFAULT_HELLO_TIMEOUT,
+            new_udp_sessions_per_second: DEFAULT_NEW_UDP_SESSIONS_PER_SECOND,
         }
     }
 }
@@ -188,6 +206,13 @@ pub struct ServerStats {
     pub connections_refused: u64,
     /// Connections lost or closed (UDP: peers forgotten).
     pub disconnects: u64,
+    /// Connections (UDP: new peers) refused because their address has `max_per_address`.
+    pub refused_per_address: u64,
+    /// TCP connections closed because no hello came within `hello_timeout`.
+    pub hello_timeouts: u64,
+    /// UDP opening HELLOs of new sessions left unanswered: over the rate, or too many
+    /// unconfirmed peers.
+    pub hellos_unanswered: u64,
     /// Hellos received (TCP: the version message; UDP: HELLO datagrams accepted).
     pub hellos: u64,
     /// Hellos with a version other than 6 (accepted with a warning, like the C intercept).
@@ -270,6 +295,8 @@ struct TcpConn {
     batch: BatchEncoder,
     out: OutBuf,
     handshake: Option<(Box<ServerHandshake>, Instant)>,
+    /// The hello must come by then (cleared when it does).
+    hello_by: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -281,6 +308,9 @@ enum Link {
 #[derive(Debug)]
 struct Conn {
     peer: SocketAddr,
+    /// The address counted against [`ServerConfig::max_per_address`] (the first `peer`; a
+    /// UDP peer's `peer` may move).
+    address: std::net::IpAddr,
     batch_started: Instant,
     /// Reported `Connected` (so `Disconnected` is owed when it goes).
     announced: bool,
@@ -339,6 +369,13 @@ pub struct ControlServer {
     past_messages_lost: u64,
     /// UDP: what the socket's full receive buffer dropped.
     rx_drops: Option<RxDrops>,
+    /// Connections (UDP: peers) per address.
+    per_address: HashMap<std::net::IpAddr, usize>,
+    /// UDP peers not confirmed yet (no keyed HELLO or message of their session).
+    udp_unconfirmed: usize,
+    /// UDP: tokens for answering opening HELLOs of new sessions, and when they were counted.
+    hello_tokens: f64,
+    hello_tokens_at: Instant,
 }
 
 /// A datagram waiting for the socket: numbered for the session `(session_id, epoch)`, with
@@ -409,6 +446,7 @@ impl ControlServer {
         info!(addr = %local_addr, transport = %config.transport,
             authenticated = config.auth.is_some(), "control channel listening");
         let now = Instant::now();
+        let config_rate = config.new_udp_sessions_per_second;
         Ok(ControlServer {
             poll,
             events: Events::with_capacity(256),
@@ -434,6 +472,10 @@ impl ControlServer {
             past_replayed: 0,
             past_messages_lost: 0,
             rx_drops,
+            per_address: HashMap::new(),
+            udp_unconfirmed: 0,
+            hello_tokens: f64::from(config_rate),
+            hello_tokens_at: now,
         })
     }
 
@@ -710,6 +752,44 @@ impl ControlServer {
         }
     }
 
+    /// Counts a new connection (UDP: peer) from `peer` against its address's share; false
+    /// (counted) when the address has its share already.
+    fn admit_address(&mut self, peer: SocketAddr) -> bool {
+        let held = self.per_address.entry(peer.ip()).or_default();
+        if *held >= self.config.max_per_address {
+            self.stats.refused_per_address += 1;
+            return false;
+        }
+        *held += 1;
+        true
+    }
+
+    /// Gives `address` its share back.
+    fn release_address(&mut self, address: std::net::IpAddr) {
+        if let Some(held) = self.per_address.get_mut(&address) {
+            *held -= 1;
+            if *held == 0 {
+                self.per_address.remove(&address);
+            }
+        }
+    }
+
+    /// Takes a token for answering an opening HELLO of a new UDP session at `now`.
+    fn take_hello_token(&mut self, now: Instant) -> bool {
+        let rate = f64::from(self.config.new_udp_sessions_per_second.max(1));
+        let elapsed = now
+            .saturating_duration_since(self.hello_tokens_at)
+            .as_secs_f64();
+        self.hello_tokens = (self.hello_tokens + elapsed * rate).min(rate);
+        self.hello_tokens_at = now;
+        if self.hello_tokens >= 1.0 {
+            self.hello_tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
     fn alloc_slot(&mut self) -> u32 {
         match self.free.pop() {
             Some(s) => s,
@@ -732,6 +812,9 @@ impl ControlServer {
             return;
         }
         c.announced = true;
+        if matches!(c.link, Link::Udp(_)) {
+            self.udp_unconfirmed = self.udp_unconfirmed.saturating_sub(1);
+        }
         let peer = c.peer;
         self.stats.connections_accepted += 1;
         self.stats.connections_up += 1;
@@ -769,6 +852,11 @@ impl ControlServer {
             warn!(%peer, max = self.config.max_connections, "too many control connections, refusing");
             return;
         }
+        if !self.admit_address(peer) {
+            warn!(%peer, max = self.config.max_per_address,
+                "too many control connections from one address, refusing");
+            return;
+        }
         if let Err(e) = stream.set_nodelay(true) {
             debug!(%peer, error = %e, "cannot set TCP_NODELAY");
         }
@@ -778,6 +866,7 @@ impl ControlServer {
                 Ok(h) => Some((Box::new(h), self.clock + self.config.handshake_timeout)),
                 Err(e) => {
                     warn!(%peer, error = %e, "cannot authenticate a control connection");
+                    self.release_address(peer.ip());
                     return;
                 }
             },
@@ -791,11 +880,13 @@ impl ControlServer {
         ) {
             warn!(%peer, error = %e, "cannot register a control connection");
             self.free.push(slot);
+            self.release_address(peer.ip());
             return;
         }
         let authenticating = handshake.is_some();
         self.slots[slot as usize].conn = Some(Conn {
             peer,
+            address: peer.ip(),
             batch_started: self.clock,
             announced: false,
             link: Link::Tcp(TcpConn {
@@ -804,6 +895,7 @@ impl ControlServer {
                 batch: BatchEncoder::new(self.config.format, self.config.framing),
                 out: OutBuf::new(self.config.max_buffer_bytes),
                 handshake,
+                hello_by: Some(self.clock + self.config.hello_timeout),
             }),
         });
         if authenticating {
@@ -877,6 +969,12 @@ impl ControlServer {
                 Ok(info) => {
                     self.stats.messages_received += info.messages as u64;
                     if let Some(version) = info.hello_version {
+                        if let Some(Conn {
+                            link: Link::Tcp(c), ..
+                        }) = self.slots[slot as usize].conn.as_mut()
+                        {
+                            c.hello_by = None;
+                        }
                         self.stats.hellos += 1;
                         if version != INTERNAL_VERSION {
                             self.stats.version_mismatches += 1;
@@ -995,6 +1093,9 @@ impl ControlServer {
             }
             Link::Udp(p) => {
                 self.peers.remove(&p.session_id);
+                if !c.announced {
+                    self.udp_unconfirmed = self.udp_unconfirmed.saturating_sub(1);
+                }
                 for s in p.current.iter().chain(p.pending.iter()) {
                     self.fold(s);
                 }
@@ -1002,6 +1103,7 @@ impl ControlServer {
             }
         };
         self.free.push(slot);
+        self.release_address(c.address);
         if c.announced {
             warn!(peer = %c.peer, conn = %id, reason, unsent_bytes = unsent, "tcpcopy connection lost");
             self.stats.disconnects += 1;
@@ -1024,6 +1126,10 @@ impl ControlServer {
                     if t.handshake.as_ref().is_some_and(|(_, d)| now >= *d) {
                         warn!(peer = %c.peer, "tcpcopy refused: no authentication in time");
                         self.close(slot as u32, "authentication timed out");
+                    } else if t.hello_by.is_some_and(|d| now >= d) {
+                        warn!(peer = %c.peer, "control connection closed: no hello in time");
+                        self.stats.hello_timeouts += 1;
+                        self.close(slot as u32, "no hello in time");
                     }
                 }
                 Link::Udp(p) => {
@@ -1252,9 +1358,20 @@ impl ControlServer {
                             self.stats.connections_refused += 1;
                             return Err("too many peers");
                         }
+                        if self.udp_unconfirmed >= (self.config.max_connections / 4).max(1)
+                            || !self.take_hello_token(now)
+                        {
+                            self.stats.hellos_unanswered += 1;
+                            return Err("opening HELLOs over their rate");
+                        }
+                        if !self.admit_address(from) {
+                            return Err("too many peers from one address");
+                        }
+                        self.udp_unconfirmed += 1;
                         let slot = self.alloc_slot();
                         self.slots[slot as usize].conn = Some(Conn {
                             peer: from,
+                            address: from.ip(),
                             batch_started: self.clock,
                             announced: false,
                             link: Link::Udp(Box::new(UdpPeer {
@@ -1467,6 +1584,100 @@ mod tests {
         assert_ne!(ids[0], ids[1]);
         assert_eq!(server.stats().records_no_connection, 2);
         assert_eq!(server.stats().hellos, 2);
+    }
+
+    /// Polls `server` until `done` says so (at most about 4 s).
+    fn poll_until(server: &mut ControlServer, mut done: impl FnMut(&ControlServer) -> bool) {
+        for _ in 0..200 {
+            server
+                .poll(Some(Duration::from_millis(20)), &mut |_| {})
+                .unwrap();
+            if done(server) {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn one_address_gets_its_share_of_connections() {
+        let mut config = ServerConfig::new(local(), RecordFormat::Header64, Framing::Combined);
+        config.max_per_address = 3;
+        let mut server = ControlServer::with_config(config).unwrap();
+        let addr = server.local_addr();
+        let peers: Vec<StdStream> = (0..5)
+            .map(|_| {
+                let mut p = StdStream::connect(addr).unwrap();
+                p.write_all(&ClientMessage::hello().encode()).unwrap();
+                p
+            })
+            .collect();
+        poll_until(&mut server, |s| {
+            s.stats().connections_accepted + s.stats().refused_per_address >= 5
+        });
+        assert_eq!(server.stats().connections_accepted, 3);
+        assert_eq!(server.stats().refused_per_address, 2);
+        // A connection that goes gives its address its share back.
+        drop(peers);
+        poll_until(&mut server, |s| s.connection_count() == 0);
+        let mut again = StdStream::connect(addr).unwrap();
+        again.write_all(&ClientMessage::hello().encode()).unwrap();
+        poll_until(&mut server, |s| s.stats().connections_accepted == 4);
+        assert_eq!(server.stats().connections_accepted, 4);
+    }
+
+    #[test]
+    fn a_connection_that_never_says_hello_is_closed() {
+        let mut config = ServerConfig::new(local(), RecordFormat::Header64, Framing::Combined);
+        config.hello_timeout = Duration::from_millis(200);
+        let mut server = ControlServer::with_config(config).unwrap();
+        let mut silent = StdStream::connect(server.local_addr()).unwrap();
+        poll_until(&mut server, |s| s.stats().hello_timeouts == 1);
+        assert_eq!(server.stats().hello_timeouts, 1);
+        assert_eq!(server.connection_count(), 0);
+        silent
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut b = [0u8; 8];
+        assert!(matches!(silent.read(&mut b), Ok(0) | Err(_)), "closed");
+    }
+
+    #[test]
+    fn opening_hellos_of_new_udp_sessions_are_answered_at_a_bounded_rate() {
+        use crate::control::udp::{encode_single, DatagramKind, HELLO_BODY_LEN};
+        let mut config = ServerConfig::new(local(), RecordFormat::Header64, Framing::Combined);
+        config.transport = Transport::Udp;
+        config.new_udp_sessions_per_second = 5;
+        let mut server = ControlServer::with_config(config).unwrap();
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut out = Vec::new();
+        for session in 1..=50u64 {
+            let mut body = [0u8; HELLO_BODY_LEN];
+            body[..8].copy_from_slice(&session.to_be_bytes());
+            encode_single(
+                DatagramKind::Hello,
+                (session, 0, 0, 0),
+                &body,
+                None,
+                &mut out,
+            );
+            socket.send_to(&out, server.local_addr()).unwrap();
+        }
+        poll_until(&mut server, |s| {
+            s.stats().hellos + s.stats().hellos_unanswered >= 50
+        });
+        let stats = server.stats();
+        assert_eq!(stats.hellos + stats.hellos_unanswered, 50, "{stats:?}");
+        // The burst (5) and what a few ms of refill add; never most of them.
+        assert!(stats.hellos <= 8, "{stats:?}");
+        let mut answers = 0;
+        let mut buf = [0u8; 2048];
+        while socket.recv_from(&mut buf).is_ok() {
+            answers += 1;
+        }
+        assert_eq!(answers, stats.hellos, "one answer per admitted HELLO");
     }
 
     #[test]

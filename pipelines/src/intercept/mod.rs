@@ -171,7 +171,8 @@ impl InterceptStats {
             line,
             "captured {} replies {} routed {} delayed {} delay-delivered {} no-route {} send-dropped {} \
              ring-full {} ignored {} | routes {} add {} del {} foreign-add {} foreign-del {} \
-             owner-full {} | connections {} lost {} peers-refused {} \
+             owner-full {} | connections {} lost {} peers-refused {} refused-per-address {} \
+             hello-timeouts {} hellos-unanswered {} \
              auth-ok {} auth-refused {} single-refused {} | udp-rx {} udp-tx {} udp-lost {} \
              udp-tx-dropped {} udp-rx-dropped {} messages-lost {} \
              udp-reordered {} udp-replayed {} udp-rejected {} | capture-drops {} capture-duplicates {}",
@@ -193,6 +194,9 @@ impl InterceptStats {
             self.connections,
             self.disconnections,
             self.peers_refused,
+            c.refused_per_address,
+            c.hello_timeouts,
+            c.hellos_unanswered,
             c.auth_ok,
             c.auth_refused,
             self.single_refused,
