@@ -275,6 +275,7 @@ pub fn server_fields(s: &ServerStats) -> Vec<Field> {
         Counter connections_refused: "Connections closed at once because of the connection limit.",
         Counter refused_per_address: "Connections (UDP: new peers) refused: their address has its share.",
         Counter hello_timeouts: "TCP connections closed because no hello came in time.",
+        Counter throttled: "Times a TCP connection was left unread: it sent route messages over its rate.",
         Counter hellos_unanswered: "UDP opening HELLOs of new sessions left unanswered (over their rate, or too many unconfirmed peers).",
         Counter disconnects: "Connections lost or closed (UDP: peers forgotten).",
         Counter hellos: "Hellos received.",

@@ -77,6 +77,9 @@ pub const DEFAULT_MAX_PER_ADDRESS: usize = 64;
 pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default opening HELLOs of new UDP sessions answered per second (and burst).
 pub const DEFAULT_NEW_UDP_SESSIONS_PER_SECOND: u32 = 512;
+/// Default route messages read per second from one TCP connection (and burst): a tcpcopy
+/// replaying 100,000 new sessions a second sends about that many per connection.
+pub const DEFAULT_MAX_MESSAGES_PER_SECOND: u32 = 500_000;
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
@@ -172,6 +175,11 @@ pub struct ServerConfig {
     /// faster than that nor turn intercept into a reflector. Unconfirmed peers may hold at
     /// most a quarter of `max_connections`.
     pub new_udp_sessions_per_second: u32,
+    /// Route messages read per second from one TCP connection (a token bucket with as big a
+    /// burst): a connection over it is not read until it has tokens again, so TCP flow control
+    /// slows the sender and one peer's flood cannot monopolise the control thread and the
+    /// route replicas. 0: no limit.
+    pub max_messages_per_second: u32,
 }
 
 impl ServerConfig {
@@ -191,6 +199,7 @@ impl ServerConfig {
             max_per_address: DEFAULT_MAX_PER_ADDRESS,
             hello_timeout: DEFAULT_HELLO_TIMEOUT,
             new_udp_sessions_per_second: DEFAULT_NEW_UDP_SESSIONS_PER_SECOND,
+            max_messages_per_second: DEFAULT_MAX_MESSAGES_PER_SECOND,
         }
     }
 }
@@ -213,6 +222,9 @@ pub struct ServerStats {
     /// UDP opening HELLOs of new sessions left unanswered: over the rate, or too many
     /// unconfirmed peers.
     pub hellos_unanswered: u64,
+    /// Times a TCP connection was left unread for a while: it sent route messages faster than
+    /// `max_messages_per_second`.
+    pub throttled: u64,
     /// Hellos received (TCP: the version message; UDP: HELLO datagrams accepted).
     pub hellos: u64,
     /// Hellos with a version other than 6 (accepted with a warning, like the C intercept).
@@ -297,6 +309,9 @@ struct TcpConn {
     handshake: Option<(Box<ServerHandshake>, Instant)>,
     /// The hello must come by then (cleared when it does).
     hello_by: Option<Instant>,
+    /// Message tokens left ([`ServerConfig::max_messages_per_second`]), counted at `tokens_at`.
+    tokens: f64,
+    tokens_at: Instant,
 }
 
 #[derive(Debug)]
@@ -376,6 +391,8 @@ pub struct ControlServer {
     /// UDP: tokens for answering opening HELLOs of new sessions, and when they were counted.
     hello_tokens: f64,
     hello_tokens_at: Instant,
+    /// TCP connections left unread for lack of message tokens (read again when they refill).
+    throttled: Vec<u32>,
 }
 
 /// A datagram waiting for the socket: numbered for the session `(session_id, epoch)`, with
@@ -476,6 +493,7 @@ impl ControlServer {
             udp_unconfirmed: 0,
             hello_tokens: f64::from(config_rate),
             hello_tokens_at: now,
+            throttled: Vec::new(),
         })
     }
 
@@ -589,7 +607,12 @@ impl ControlServer {
         for id in self.lost.drain(..) {
             on_event(ServerEvent::Disconnected(id));
         }
-        let deadline = self.next_flush_deadline();
+        let mut deadline = self.next_flush_deadline();
+        if !self.throttled.is_empty() {
+            // Throttled connections are read again as their tokens come back.
+            let soon = Instant::now() + Duration::from_millis(5);
+            deadline = Some(deadline.map_or(soon, |d| d.min(soon)));
+        }
         super::wait_ready(
             &mut self.poll,
             &mut self.events,
@@ -623,6 +646,9 @@ impl ControlServer {
                 }
                 Token(t) => on_event(ServerEvent::Readable(t)),
             }
+        }
+        for slot in std::mem::take(&mut self.throttled) {
+            self.read_conn(slot, on_event);
         }
         self.flush_due(Instant::now());
         for id in self.lost.drain(..) {
@@ -896,6 +922,8 @@ impl ControlServer {
                 out: OutBuf::new(self.config.max_buffer_bytes),
                 handshake,
                 hello_by: Some(self.clock + self.config.hello_timeout),
+                tokens: f64::from(self.config.max_messages_per_second),
+                tokens_at: self.clock,
             }),
         });
         if authenticating {
@@ -917,6 +945,21 @@ impl ControlServer {
                 return;
             };
             let peer = *peer;
+            let rate = self.config.max_messages_per_second;
+            if rate > 0 {
+                let now = Instant::now();
+                let elapsed = now.saturating_duration_since(c.tokens_at).as_secs_f64();
+                c.tokens = (c.tokens + elapsed * f64::from(rate)).min(f64::from(rate));
+                c.tokens_at = now;
+                if c.tokens < 1.0 {
+                    // Left unread: TCP flow control slows the sender; read again soon.
+                    if !self.throttled.contains(&slot) {
+                        self.throttled.push(slot);
+                        self.stats.throttled += 1;
+                    }
+                    return;
+                }
+            }
             let n = match c.stream.read(&mut self.read_buf) {
                 Ok(0) => {
                     self.close(slot, "closed by peer");
@@ -965,6 +1008,9 @@ impl ControlServer {
             let result = c.decoder.feed(&self.read_buf[start..n], |m| {
                 on_event(ServerEvent::Message(id, m))
             });
+            if let Ok(info) = &result {
+                c.tokens -= info.messages as f64;
+            }
             match result {
                 Ok(info) => {
                     self.stats.messages_received += info.messages as u64;
@@ -1623,6 +1669,58 @@ mod tests {
         again.write_all(&ClientMessage::hello().encode()).unwrap();
         poll_until(&mut server, |s| s.stats().connections_accepted == 4);
         assert_eq!(server.stats().connections_accepted, 4);
+    }
+
+    #[test]
+    fn a_flooding_connection_is_read_at_its_rate_and_loses_nothing() {
+        use crate::flow::FlowKey;
+        let mut config = ServerConfig::new(local(), RecordFormat::Header64, Framing::Combined);
+        config.max_messages_per_second = 10_000;
+        let mut server = ControlServer::with_config(config).unwrap();
+        let addr = server.local_addr();
+        let writer = std::thread::spawn(move || {
+            let mut peer = StdStream::connect(addr).unwrap();
+            let mut bytes = ClientMessage::hello().encode().to_vec();
+            for port in 0..30_000u32 {
+                let key = FlowKey::new(
+                    std::net::SocketAddrV4::new([10, 0, (port >> 16) as u8, 1].into(), port as u16),
+                    "10.0.0.2:8080".parse().unwrap(),
+                );
+                bytes.extend_from_slice(&ClientMessage::add(key).encode());
+            }
+            peer.write_all(&bytes).unwrap();
+            peer
+        });
+        let start = Instant::now();
+        let mut received = 0u64;
+        while start.elapsed() < Duration::from_millis(500) {
+            server
+                .poll(Some(Duration::from_millis(10)), &mut |e| {
+                    if matches!(e, ServerEvent::Message(..)) {
+                        received += 1;
+                    }
+                })
+                .unwrap();
+        }
+        // Half a second at 10,000 a second, a full burst and two read chunks at most.
+        assert!(
+            received <= 5_000 + 10_000 + 2 * 1_200,
+            "{received} read in 0.5 s"
+        );
+        assert!(server.stats().throttled >= 1);
+        // Nothing is lost: the rest is read as tokens come back (bounded wait).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while received < 30_000 && Instant::now() < deadline {
+            server
+                .poll(Some(Duration::from_millis(10)), &mut |e| {
+                    if matches!(e, ServerEvent::Message(..)) {
+                        received += 1;
+                    }
+                })
+                .unwrap();
+        }
+        assert_eq!(received, 30_000);
+        drop(writer.join().unwrap());
     }
 
     #[test]

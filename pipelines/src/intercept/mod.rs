@@ -172,7 +172,7 @@ impl InterceptStats {
             "captured {} replies {} routed {} delayed {} delay-delivered {} no-route {} send-dropped {} \
              ring-full {} ignored {} | routes {} add {} del {} foreign-add {} foreign-del {} \
              owner-full {} | connections {} lost {} peers-refused {} refused-per-address {} \
-             hello-timeouts {} hellos-unanswered {} \
+             hello-timeouts {} hellos-unanswered {} throttled {} \
              auth-ok {} auth-refused {} single-refused {} | udp-rx {} udp-tx {} udp-lost {} \
              udp-tx-dropped {} udp-rx-dropped {} messages-lost {} \
              udp-reordered {} udp-replayed {} udp-rejected {} | capture-drops {} capture-duplicates {}",
@@ -197,6 +197,7 @@ impl InterceptStats {
             c.refused_per_address,
             c.hello_timeouts,
             c.hellos_unanswered,
+            c.throttled,
             c.auth_ok,
             c.auth_refused,
             self.single_refused,
