@@ -118,6 +118,16 @@ impl AllowList {
     }
 }
 
+impl std::fmt::Display for AllowList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (address, bits)) in self.networks.iter().enumerate() {
+            let sep = if i == 0 { "" } else { "," };
+            write!(f, "{sep}{address}/{bits}")?;
+        }
+        Ok(())
+    }
+}
+
 /// True when a `-i` value names a capture file rather than interfaces: an existing regular
 /// file that is not also the name of an interface (the C `--offline` build's `-i FILE`).
 pub fn is_capture_file(value: &str) -> bool {
@@ -126,6 +136,29 @@ pub fn is_capture_file(value: &str) -> bool {
     }
     let interface = Path::new("/sys/class/net").join(value);
     Path::new(value).is_file() && !(value.len() < 16 && !value.contains('/') && interface.exists())
+}
+
+/// A number outside its flag's range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "bad {flag} value {value}: {meaning} must be {start}..={end}, e.g. {flag} {example}{origin}"
+)]
+pub struct RangeError {
+    /// The flag, e.g. `-t`.
+    pub flag: String,
+    /// The value given.
+    pub value: String,
+    /// What the value means.
+    pub meaning: String,
+    /// The range's first value.
+    pub start: String,
+    /// The range's last value.
+    pub end: String,
+    /// A good value.
+    pub example: String,
+    /// Where the value came from when not the command line (` (set by the YAML key
+    /// session.timeout in FILE)`), else empty.
+    pub origin: String,
 }
 
 /// Checks that `value` of `flag` lies in `range`; the error names the flag, the value, the
@@ -139,15 +172,52 @@ pub fn check_range<T: PartialOrd + Display>(
     range: RangeInclusive<T>,
     meaning: &str,
     example: &str,
-) -> anyhow::Result<()> {
+) -> Result<(), RangeError> {
     if range.contains(&value) {
         return Ok(());
     }
-    anyhow::bail!(
-        "bad {flag} value {value}: {meaning} must be {}..={}, e.g. {flag} {example}",
-        range.start(),
-        range.end()
-    )
+    Err(RangeError {
+        flag: flag.to_owned(),
+        value: value.to_string(),
+        meaning: meaning.to_owned(),
+        start: range.start().to_string(),
+        end: range.end().to_string(),
+        example: example.to_owned(),
+        origin: String::new(),
+    })
+}
+
+/// Names the YAML key of `config` that set the flag of `error`, when the command line did not
+/// give that flag (its value then came from the file).
+pub fn name_yaml_key<A: clap::CommandFactory, F: crate::config::ConfigFile>(
+    mut error: RangeError,
+    matches: &clap::ArgMatches,
+    config: Option<&Path>,
+) -> RangeError {
+    let Some(path) = config else {
+        return error;
+    };
+    let flag = error.flag.trim_start_matches('-');
+    let command = A::command();
+    let Some(arg) = command.get_arguments().find(|a| {
+        a.get_long() == Some(flag) || a.get_short().is_some_and(|s| flag == s.to_string())
+    }) else {
+        return error;
+    };
+    let id = arg.get_id().as_str();
+    if matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+        return error;
+    }
+    if let Ok(file) = F::load(path) {
+        if let Some(setting) = file.settings().into_iter().find(|s| s.id == id) {
+            error.origin = format!(
+                " (set by the YAML key {} in {})",
+                setting.key,
+                path.display()
+            );
+        }
+    }
+    error
 }
 
 #[cfg(test)]

@@ -493,6 +493,9 @@ pub fn intercept_pipeline(config: &InterceptConfig) -> Vec<String> {
             _ => "",
         }
     ));
+    if let Some(allow) = &config.allow {
+        lines.push(format!("control: only tcpcopys at {allow} may connect"));
+    }
     lines
 }
 
@@ -943,8 +946,11 @@ macro_rules! section {
 section! {
     /// `ports.afpacket`: capture on a kernel interface.
     pub struct Afpacket {
-        /// `-i`: the interface, e.g. `eth0`.
+        /// `-i`: where to capture: `eth0`, a list `eth0,eth1`, or `any` (every interface,
+        /// the default without the key).
         interface: String => "interface",
+        /// `-B` (tcpcopy): the capture ring's size in MiB, 1..=4096.
+        buffer_mib: u32 => "capture_buffer_mib",
     }
 }
 
@@ -1197,6 +1203,9 @@ section! {
         single: bool => "single",
         /// `-c`: with `single`, refuse a new tcpcopy while one is connected.
         protect: bool => "protect",
+        /// `--allow`: the tcpcopy addresses or networks that may connect, e.g.
+        /// `10.0.0.20,10.0.1.0/24`.
+        allow: String => "allow",
     }
 }
 

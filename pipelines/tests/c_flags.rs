@@ -516,3 +516,88 @@ fn no_numeric_flag_value_makes_a_tool_panic() {
     let per_value = tcpcopy_flags.len() + offline_flags.len() + intercept_flags.len() + 4 + 2;
     assert_eq!(runs, extremes.len() * per_value, "every combination ran");
 }
+
+/// Every numeric YAML key, set to extreme values in a `--config` file: each run exits 0 or 2,
+/// never with a panic, and an out-of-range value names the YAML key and the file.
+#[test]
+fn no_numeric_yaml_key_value_makes_a_tool_panic() {
+    let dir = std::env::temp_dir().join(format!("c-flags-yaml-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tcpcopy_keys = [
+        ("workers", "count"),
+        ("sampling", "percent"),
+        ("copies", "count"),
+        ("copies", "instance"),
+        ("session", "timeout"),
+        ("session", "keepalive"),
+        ("session", "fake_mss"),
+        ("session", "mtu"),
+        ("session", "pace_idle_ms"),
+        ("session", "memory_mib"),
+        ("control", "port"),
+        ("control", "connections"),
+        ("outputs", "stats_interval"),
+    ];
+    let intercept_keys = [
+        ("workers", "count"),
+        ("control", "port"),
+        ("control", "route_timeout"),
+        ("outputs", "stats_interval"),
+    ];
+    let values = [
+        "0",
+        "-1",
+        "65536",
+        "4294967296",
+        "18446744073709551615",
+        "1e400",
+        "x",
+    ];
+    let mut named = 0;
+    for (bin, keys, base) in [
+        (
+            TCPCOPY,
+            &tcpcopy_keys[..],
+            "transfers:\n  - {online: 80, target: 10.77.0.30:8080}\n",
+        ),
+        (INTERCEPT, &intercept_keys[..], "ports:\n  filter: tcp\n"),
+    ] {
+        for (section, key) in keys {
+            for value in values {
+                let mut text = base.to_string();
+                if bin == TCPCOPY {
+                    text.push_str("control:\n  intercepts: [10.77.0.40]\n");
+                }
+                if *section == "control" && bin == TCPCOPY {
+                    text.push_str(&format!("  {key}: {value}\n"));
+                } else {
+                    text.push_str(&format!("{section}:\n  {key}: {value}\n"));
+                }
+                let file = dir.join("c.yaml");
+                std::fs::write(&file, &text).unwrap();
+                let r = run(bin, &["--config", file.to_str().unwrap(), "--check"]);
+                assert!(
+                    (r.code == 0 || r.code == 2) && !r.stderr.contains("panicked"),
+                    "{bin} with {section}.{key}: {value}: exit {}\n{}",
+                    r.code,
+                    r.stderr
+                );
+                if r.code == 2 {
+                    assert!(
+                        r.stderr.contains(&format!("{section}.{key}")),
+                        "{bin} with {section}.{key}: {value}: the error does not name the key\n{}",
+                        r.stderr
+                    );
+                    named += 1;
+                }
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    // Every refusal names the key: a parse error by its YAML path, a range error by the key
+    // that set the flag. (Values the YAML types reject, e.g. -1 for an unsigned key, count too.)
+    assert!(
+        named >= (tcpcopy_keys.len() + intercept_keys.len()) * 3,
+        "{named}"
+    );
+}

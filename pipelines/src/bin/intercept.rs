@@ -145,7 +145,7 @@ fn c_forms(args: &Args, warnings: &mut pipelines::compat::Warnings) -> anyhow::R
 }
 
 /// Every numeric flag (and so every YAML key behind one) against its documented range.
-fn check_numbers(args: &Args) -> anyhow::Result<()> {
+fn check_numbers(args: &Args) -> Result<(), pipelines::compat::RangeError> {
     use pipelines::compat::{check_range, MAX_SECONDS, MAX_STATS_INTERVAL};
     check_range(
         "--route-timeout",
@@ -191,7 +191,13 @@ fn run() -> anyhow::Result<()> {
     let (args, matches) = parse_args::<Args, InterceptFile>()?;
     let mut warnings = pipelines::compat::Warnings::new("intercept");
     c_forms(&args, &mut warnings)?;
-    check_numbers(&args)?;
+    check_numbers(&args).map_err(|e| {
+        pipelines::compat::name_yaml_key::<Args, pipelines::config::InterceptFile>(
+            e,
+            &matches,
+            args.config.as_deref(),
+        )
+    })?;
     let rewrite_client = args
         .rewrite_client
         .as_deref()

@@ -241,7 +241,13 @@ fn run() -> anyhow::Result<()> {
     }
     let mut warnings = compat::Warnings::new("tcpcopy");
     c_forms(&mut args, &matches, &mut warnings)?;
-    check_numbers(&args)?;
+    check_numbers(&args).map_err(|e| {
+        pipelines::compat::name_yaml_key::<Args, pipelines::config::TcpcopyFile>(
+            e,
+            &matches,
+            args.config.as_deref(),
+        )
+    })?;
     let transfers = parse_transfers(&args.transfers)?;
     let clients = args
         .clients
@@ -522,7 +528,7 @@ fn c_forms(
 }
 
 /// Every numeric flag (and so every YAML key behind one) against its documented range.
-fn check_numbers(args: &Args) -> anyhow::Result<()> {
+fn check_numbers(args: &Args) -> Result<(), pipelines::compat::RangeError> {
     use compat::{check_range, MAX_MILLISECONDS, MAX_SECONDS, MAX_STATS_INTERVAL};
     check_range(
         "-t",
