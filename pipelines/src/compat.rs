@@ -16,6 +16,19 @@ pub const MAX_STATS_INTERVAL: u64 = 24 * 3600;
 /// Longest time a flag in milliseconds may name: one day (`--pace-idle-ms`, `-I`).
 pub const MAX_MILLISECONDS: u64 = 24 * 3600 * 1000;
 
+/// Argument ids of the flags that exist only so the C tools' command lines run (accepted and
+/// ignored with a warning, or refused with the reason): they have no YAML key.
+pub const C_ONLY_FLAGS: [&str; 8] = [
+    "snaplen",
+    "default_rtt",
+    "pool_growth",
+    "pass_list",
+    "queue_length",
+    "delay_buckets",
+    "batch_size",
+    "route_timeout_c",
+];
+
 /// Warnings about flags that were accepted for compatibility; each is printed on stderr at
 /// once (before a daemon loses its terminal) and logged again once logging is up.
 #[derive(Debug, Default)]
@@ -172,11 +185,11 @@ pub fn check_range<T: PartialOrd + Display>(
     range: RangeInclusive<T>,
     meaning: &str,
     example: &str,
-) -> Result<(), RangeError> {
+) -> Result<(), Box<RangeError>> {
     if range.contains(&value) {
         return Ok(());
     }
-    Err(RangeError {
+    Err(Box::new(RangeError {
         flag: flag.to_owned(),
         value: value.to_string(),
         meaning: meaning.to_owned(),
@@ -184,16 +197,16 @@ pub fn check_range<T: PartialOrd + Display>(
         end: range.end().to_string(),
         example: example.to_owned(),
         origin: String::new(),
-    })
+    }))
 }
 
 /// Names the YAML key of `config` that set the flag of `error`, when the command line did not
 /// give that flag (its value then came from the file).
 pub fn name_yaml_key<A: clap::CommandFactory, F: crate::config::ConfigFile>(
-    mut error: RangeError,
+    mut error: Box<RangeError>,
     matches: &clap::ArgMatches,
     config: Option<&Path>,
-) -> RangeError {
+) -> Box<RangeError> {
     let Some(path) = config else {
         return error;
     };

@@ -338,6 +338,7 @@ pub fn unmapped_flags<A: CommandFactory, F: ConfigFile>() -> Vec<String> {
                     | clap::ArgAction::Version
             ) && id != "config"
                 && id != "check"
+                && !crate::compat::C_ONLY_FLAGS.contains(&id)
                 && !ids.contains(&id)
         })
         .map(|arg| match (arg.get_long(), arg.get_short()) {
@@ -1206,6 +1207,9 @@ section! {
         /// `--allow`: the tcpcopy addresses or networks that may connect, e.g.
         /// `10.0.0.20,10.0.1.0/24`.
         allow: String => "allow",
+        /// `-D`: the C "docker" rewrite `ipA-ipB` (replies to ipA are routed as replies to
+        /// ipB).
+        rewrite_client: String => "rewrite_client",
     }
 }
 

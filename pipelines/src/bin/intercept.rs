@@ -145,7 +145,7 @@ fn c_forms(args: &Args, warnings: &mut pipelines::compat::Warnings) -> anyhow::R
 }
 
 /// Every numeric flag (and so every YAML key behind one) against its documented range.
-fn check_numbers(args: &Args) -> Result<(), pipelines::compat::RangeError> {
+fn check_numbers(args: &Args) -> Result<(), Box<pipelines::compat::RangeError>> {
     use pipelines::compat::{check_range, MAX_SECONDS, MAX_STATS_INTERVAL};
     check_range(
         "--route-timeout",

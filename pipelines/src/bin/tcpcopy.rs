@@ -528,7 +528,7 @@ fn c_forms(
 }
 
 /// Every numeric flag (and so every YAML key behind one) against its documented range.
-fn check_numbers(args: &Args) -> Result<(), pipelines::compat::RangeError> {
+fn check_numbers(args: &Args) -> Result<(), Box<pipelines::compat::RangeError>> {
     use compat::{check_range, MAX_MILLISECONDS, MAX_SECONDS, MAX_STATS_INTERVAL};
     check_range(
         "-t",
