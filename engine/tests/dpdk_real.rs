@@ -6,8 +6,8 @@
 //! How DPDK runs in a namespace: EAL can start once per process, and an af_packet vdev binds its
 //! interface in the network namespace the process is in when `rte_eal_init` runs. So every DPDK
 //! side is a **child process**: this test binary re-executed under `ip netns exec NS` with
-//! `--exact dpdk_child --nocapture` and `TCPCOPY_DPDK_CHILD=<mode>`; the `dpdk_child` test is a
-//! no-op unless that variable is set. The child talks back on stdout (`READY`, `FRAME <hex>`,
+//! `--ignored --exact dpdk_child --nocapture` and `TCPCOPY_DPDK_CHILD=<mode>`; the `dpdk_child`
+//! test is ignored in a normal run and fails when that variable is not set. The child talks back on stdout (`READY`, `FRAME <hex>`,
 //! `STATS ...`), prints `error: <message>` and exits 1 on failure, like a CLI would. The peer
 //! side (frame injection, capture) runs in the test process from threads that `setns` into the
 //! peer namespace.
@@ -269,7 +269,13 @@ impl Topology {
         command
             .args(["netns", "exec", &self.dpdk_ns])
             .arg(exe)
-            .args(["--exact", "dpdk_child", "--nocapture", "--test-threads=1"])
+            .args([
+                "--ignored",
+                "--exact",
+                "dpdk_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, mode)
             .env("DPDK_VDEV", self.vdev())
             .stdin(Stdio::piped())
@@ -758,7 +764,13 @@ fn missing_hugepages_fail_at_once_with_the_fix() {
             "sh",
         ])
         .arg(&exe)
-        .args(["--exact", "dpdk_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--ignored",
+            "--exact",
+            "dpdk_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, "init")
         .env("DPDK_MEMORY", "prefix:tcnohuge")
         .env("DPDK_VDEV", "net_null0")
@@ -855,12 +867,15 @@ fn eal_once_per_process_and_queues_once_per_owner() {
 // ---------------------------------------------------------------------------------------------
 // The child side
 
-/// Entry point of the DPDK child processes (a no-op in a normal test run).
+/// Entry point of the DPDK child processes, which the tests above run with `--ignored --exact
+/// dpdk_child` and the mode in the environment. Ignored in a normal run (it checks nothing by
+/// itself); run without a mode it fails.
 #[test]
+#[ignore = "the DPDK child processes' entry point: the tests of this file run it"]
 fn dpdk_child() {
-    let Ok(mode) = std::env::var(CHILD_ENV) else {
-        return;
-    };
+    let mode = std::env::var(CHILD_ENV).unwrap_or_else(|_| {
+        panic!("dpdk_child runs only as a child process: {CHILD_ENV} is not set")
+    });
     let code = match child::run(&mode) {
         Ok(()) => 0,
         Err(e) => {
