@@ -102,7 +102,8 @@ pub struct SessionConfig {
     pub max_queued_bytes: usize,
     /// Most sessions in one table (below 2^31). When it is full, a new SYN evicts the oldest
     /// idle session (closed ones first; counted in [`SessionStats::evicted`]) or, when every
-    /// session is busy, is dropped ([`SessionStats::table_full`]).
+    /// session is busy, is dropped ([`SessionStats::table_full`]). A new SYN is dropped the
+    /// same way when fewer than a quarter of the segment pool's slots are free.
     pub max_sessions: usize,
     /// 2 KiB slots of the table's segment pool (MTU-sized packets; packets beyond 2 KiB take a
     /// chain of them). Allocated once, when the table is made; pages stay untouched until used.
@@ -169,7 +170,9 @@ pub struct SessionStats {
     pub port_reuse_resets: u64,
     /// Closed sessions replaced by a new SYN on the same 4-tuple.
     pub port_reuse_replaced: u64,
-    /// New SYNs dropped because the table was full of busy sessions.
+    /// New SYNs dropped because the table was full of busy sessions, or because fewer than a
+    /// quarter of the segment pool's slots were free (the rest is kept for the data of the
+    /// sessions already replaying, so a SYN flood cannot starve them).
     pub table_full: u64,
     /// Sessions evicted (the oldest idle one, reset at the target when still open) to make
     /// room for a new SYN in a full table.

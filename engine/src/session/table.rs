@@ -53,6 +53,9 @@ enum Victims {
     AnyIdle,
 }
 
+/// A new session is refused (`table_full`) once fewer than 1/`POOL_RESERVE_DIVISOR` of the
+/// segment pool's slots are free: the rest is kept for the data of sessions already replaying.
+const POOL_RESERVE_DIVISOR: usize = 4;
 /// Idle sessions that exchanged data, oldest first.
 const IDLE_KEPT: usize = WHEEL_LISTS;
 /// Idle sessions that sent no data yet, oldest first.
@@ -567,6 +570,16 @@ impl SessionTable {
             self.remove_entry(idx, Some(pos), out);
         }
         if self.len() >= self.max_sessions && !self.evict_one(now, out, Victims::NoData) {
+            self.stats.table_full += 1;
+            return;
+        }
+        // Every new session holds its SYN in the pool until the target answers. A flood of
+        // spoofed SYNs (never answered, each kept for its retransmissions) would take every
+        // slot long before the table fills, and the real sessions' requests would then find
+        // no room: the last quarter of the pool is kept for data of sessions already replaying.
+        // (Evicting would not help: idle and closed sessions hold no slots.)
+        let free = self.pool.capacity() - self.pool.in_use();
+        if free < self.pool.capacity() / POOL_RESERVE_DIVISOR {
             self.stats.table_full += 1;
             return;
         }
@@ -1256,6 +1269,37 @@ mod tests {
         assert_eq!(t.shed(10, ms(9), &mut out), 0);
         assert_eq!((t.len(), t.stats().evicted), (1, 3));
         assert!(t.get(&key(4)).is_some(), "the busy session stays");
+        t.check();
+    }
+
+    /// A flood of SYNs that are never answered cannot take the pool's reserve: new sessions
+    /// are refused (`table_full`) once a quarter of the slots is left, and an established
+    /// session's requests still find room.
+    #[test]
+    fn unanswered_syns_leave_the_pool_reserve_to_real_sessions() {
+        let config = SessionConfig {
+            pool_small_segments: 12,
+            pool_segments: 4,
+            ..small(64)
+        };
+        let mut t = SessionTable::new(config);
+        let mut out = Rec::default();
+        syn(&mut t, &mut out, 1, ISN, ms(0));
+        synack(&mut t, &mut out, 1, ISN, ms(1));
+        // 16 slots (the real session's SYN was acknowledged): a SYN gets in while at least 4
+        // are free, so 13 do and 3 stay free.
+        for port in 100..140 {
+            syn(&mut t, &mut out, port, ISN, ms(2));
+        }
+        assert_eq!(t.len(), 1 + 13);
+        assert_eq!(t.stats().table_full, 40 - 13);
+        assert_eq!((t.stats().pool_exhausted, t.pool_in_use()), (0, 13));
+        // The real session's next requests are queued from the reserve.
+        for i in 0..3 {
+            data(&mut t, &mut out, 1, ISN + 1 + 10 * i, 10, ms(3));
+        }
+        assert_eq!(t.stats().pool_exhausted, 0);
+        assert_eq!(t.get(&key(1)).unwrap().queued(), 3);
         t.check();
     }
 
