@@ -450,6 +450,7 @@ pub fn tcpcopy_json(s: &TcpcopyStats) -> Value {
     m.insert("control".into(), fields_json(&client_fields(&s.control)));
     m.insert("reply_queue_full".into(), s.reply_queue_full.into());
     m.insert("shed".into(), s.shed.into());
+    m.insert("resynced".into(), s.resynced.into());
     let mut dump = Map::new();
     dump.insert("written".into(), s.dump.written.into());
     dump.insert("dropped".into(), s.dump.dropped.into());
@@ -677,6 +678,11 @@ pub fn tcpcopy_prometheus(s: &TcpcopyStats) -> String {
                     "shed",
                     "Sessions shed to stay under the memory cap (-m).",
                     s.shed,
+                ),
+                field(
+                    "resynced",
+                    "Routes of open sessions registered again after an intercept connection came back.",
+                    s.resynced,
                 ),
                 field(
                     "dump_written",
@@ -1467,6 +1473,7 @@ mod tests {
                     "replies_dispatched",
                     "workers",
                     "shed",
+                    "resynced",
                     "dump"
                 ]
                 .contains(&name.as_str()),

@@ -297,8 +297,22 @@ fn udp_flags_are_checked() {
         err.contains("-s SERVERS") && err.contains("ip[:port]"),
         "{err}"
     );
-    let err = run(&["--udp", "-x", "53-10.0.0.1:53"]);
-    assert!(err.contains("-i INTERFACE"), "{err}");
+    // Without -i, --udp captures on every interface, as TCP replay does (checked, not run).
+    let out = std::process::Command::new(TCPCOPY)
+        .args(["--udp", "-x", "53-10.0.0.1:53", "--check"])
+        .output()
+        .expect("run tcpcopy");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("capture afpacket any"), "{text}");
+    let err = run(&[
+        "--udp",
+        "--pcap",
+        "/nonexistent.pcap",
+        "-x",
+        "53-10.0.0.1:53",
+    ]);
+    assert!(err.contains("--udp replays live captures only"), "{err}");
     let err = run(&["--udp", "-i", "lo", "-x", "53-10.0.0.1:53", "-M", "500"]);
     assert!(
         err.contains("bad -M value 500") && err.contains("576..=65535"),

@@ -363,6 +363,12 @@ impl ControlClient {
     }
 
     /// Counters.
+    /// Connections (UDP: sessions) taken up again after one was lost, so far (cheap; the same
+    /// as [`ClientStats::reconnects`]).
+    pub fn reconnects(&self) -> u64 {
+        self.stats.reconnects
+    }
+
     pub fn stats(&self) -> ClientStats {
         let mut s = self.stats;
         if let Some(udp) = &self.udp {

@@ -262,6 +262,17 @@ impl SessionTable {
         &self.config
     }
 
+    /// Appends the key of every open session (not closed, not free) to `out`: what must be
+    /// routed to this tcpcopy (an intercept that restarted knows none of it).
+    pub fn open_keys(&self, out: &mut Vec<FlowKey>) {
+        out.extend(
+            self.sessions
+                .iter()
+                .filter(|s| s.place() != Place::Free && !s.is_closed())
+                .map(|s| s.key),
+        );
+    }
+
     /// Sessions in the table (lingering closed ones included).
     pub fn len(&self) -> usize {
         self.index.len()

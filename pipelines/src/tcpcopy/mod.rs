@@ -125,6 +125,8 @@ pub struct WorkerReport {
     pub replies: u64,
     /// Sessions it shed on request of the `-m` memory cap.
     pub shed: u64,
+    /// Routes it registered again because an intercept connection was taken up again.
+    pub resynced: u64,
     /// Its histograms (published once a second).
     pub latency: Latency,
 }
@@ -154,6 +156,9 @@ pub struct TcpcopyStats {
     pub workers: Vec<WorkerReport>,
     /// Sessions shed for the `-m` memory cap (all workers).
     pub shed: u64,
+    /// Routes of open sessions registered again after an intercept connection was taken up
+    /// again (a restarted intercept knows none of them).
+    pub resynced: u64,
     /// `--dump-sent` counters (zero without it).
     pub dump: dump::DumpStats,
 }
@@ -178,8 +183,10 @@ impl TcpcopyStats {
         self.table_len = 0;
         self.control_queue_full = 0;
         self.shed = 0;
+        self.resynced = 0;
         for w in &self.workers {
             self.shed += w.shed;
+            self.resynced += w.resynced;
             self.ingress.merge(&w.ingress);
             self.sessions.add(&w.sessions);
             add_ports(&mut self.capture, &w.capture);
@@ -235,7 +242,7 @@ impl TcpcopyStats {
              retransmits {} pace-releases {} tx-errors {} | replies {} (data {}) unmatched {} | \
              control up {} sent {} dropped {} reconnects {} queue-full {} udp-tx {} udp-rx {} udp-lost {} \
              udp-tx-dropped {} udp-rx-dropped {} records-lost {} udp-rejected {} \
-             udp-replayed {} auth-failures {} | shed {} dumped {} dump-dropped {}",
+             udp-replayed {} auth-failures {} | shed {} resynced {} dumped {} dump-dropped {}",
             i.captured,
             self.capture.rx_dropped,
             self.capture.rx_duplicates,
@@ -305,6 +312,7 @@ impl TcpcopyStats {
             self.control.datagrams_replayed,
             self.control.auth_failures,
             self.shed,
+            self.resynced,
             self.dump.written,
             self.dump.dropped + self.dump.errors,
         );
@@ -389,6 +397,9 @@ struct Shared {
     control: Mutex<(ClientStats, u64, Vec<u64>)>,
     /// Sessions each worker is asked to shed (`-m`); the worker takes the request to zero.
     shed: Vec<AtomicU32>,
+    /// Set by the control thread when an intercept connection was taken up again: each
+    /// worker registers its open sessions again and clears its flag.
+    resync: Vec<AtomicBool>,
     /// `--dump-sent` counters.
     dump: Option<Arc<dump::DumpCounters>>,
 }
@@ -476,6 +487,7 @@ impl Tcpcopy {
             workers: Mutex::new(vec![WorkerReport::default(); workers]),
             control: Mutex::new((ClientStats::default(), 0, vec![0; workers])),
             shed: (0..workers).map(|_| AtomicU32::new(0)).collect(),
+            resync: (0..workers).map(|_| AtomicBool::new(false)).collect(),
             dump: dump.as_ref().map(dump::DumpFile::counters),
         });
         let mut links = Vec::with_capacity(workers);
@@ -520,6 +532,8 @@ impl Tcpcopy {
                 control_queue_full: 0,
                 replies_taken: 0,
                 shed: 0,
+                resync_keys: Vec::new(),
+                resynced: 0,
                 frames: (0..BURST).map(|_| Vec::with_capacity(2048)).collect(),
                 metas: Vec::with_capacity(BURST),
                 burst_store: Vec::with_capacity(BURST),
@@ -692,6 +706,10 @@ struct Worker {
     replies_taken: u64,
     /// Sessions shed for the `-m` memory cap.
     shed: u64,
+    /// Open sessions whose routes are still to be registered again (after an intercept came
+    /// back), and how many were.
+    resync_keys: Vec<FlowKey>,
+    resynced: u64,
     /// One buffer per frame of a capture burst, for the rewritten packets.
     frames: Vec<Vec<u8>>,
     /// The accepted frames of the current burst: key and parsed segment.
@@ -793,6 +811,17 @@ impl Worker {
                 if request.load(Ordering::Relaxed) > 0 {
                     self.shed(now, request)?;
                 }
+            }
+            if shared
+                .resync
+                .get(self.id)
+                .is_some_and(|flag| flag.swap(false, Ordering::AcqRel))
+            {
+                self.resync_keys.clear();
+                self.table.open_keys(&mut self.resync_keys);
+            }
+            if !self.resync_keys.is_empty() {
+                self.resync();
             }
             if received == 0 {
                 // A capture file replay: tell it whether sessions are still open; it ends a
@@ -968,9 +997,31 @@ impl Worker {
             report.control_queue_full = self.control_queue_full;
             report.replies = self.replies_taken;
             report.shed = self.shed;
+            report.resynced = self.resynced;
             if with_latency {
                 report.latency = self.latency.clone();
             }
+        }
+    }
+}
+
+impl Worker {
+    /// Registers the routes of open sessions again (after an intercept came back), as many as
+    /// the queue to the control thread takes now; the rest on the next rounds.
+    fn resync(&mut self) {
+        let mut sent = 0;
+        while let Some(&key) = self.resync_keys.last() {
+            match self.to_control.try_send(ClientMessage::add(key)) {
+                Ok(()) => {
+                    self.resync_keys.pop();
+                    sent += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        if sent > 0 {
+            self.resynced += sent;
+            let _ = self.control_waker.wake();
         }
     }
 }
@@ -1003,6 +1054,7 @@ fn control_loop(
     let mut last_report = Instant::now();
     let mut last_publish = Instant::now();
     let mut stopping_since: Option<Instant> = None;
+    let mut reconnects = client.reconnects();
     loop {
         if stop.load(Ordering::Relaxed) && stopping_since.is_none() {
             stopping_since = Some(Instant::now());
@@ -1032,6 +1084,16 @@ fn control_loop(
                 }
             })
             .context("control channel poll failed")?;
+        if client.reconnects() > reconnects {
+            // An intercept is back (it may have restarted and know no route): every worker
+            // registers its open sessions again.
+            reconnects = client.reconnects();
+            tracing::info!("an intercept connection is back: registering the open sessions again");
+            for (i, flag) in shared.resync.iter().enumerate() {
+                flag.store(true, Ordering::Release);
+                woke[i] = true;
+            }
+        }
         for (i, w) in workers.iter().enumerate() {
             if woke[i] && w.parked.load(Ordering::SeqCst) {
                 let _ = w.waker.wake();
