@@ -416,6 +416,21 @@ fn intercept_killed_and_restarted_under_load() {
     assert!(counter(&stats, "reconnects") >= 1, "{stats}");
     // CLIENT_ADDs made while intercept was down are counted as dropped.
     assert!(counter(&stats, "dropped") >= 1, "{stats}");
+    // Once tcpcopy is back, it registers its open sessions again: the keep-alive connections
+    // that span the restart keep being replayed (before that, their replies found no route
+    // and each was given up about 18 s later, losing a request).
+    assert!(
+        counter(&stats, "resynced") >= KEEPALIVE_CONNECTIONS as u64,
+        "{stats}"
+    );
+    let back_at = restart.duration_since(fault).as_secs_f64() + reconnected.as_secs_f64();
+    assert!(
+        losses
+            .keepalive_window
+            .is_none_or(|(_, last)| last < back_at + 1.0),
+        "keep-alive requests sent after tcpcopy reconnected ({back_at:.2}s after the fault) were lost: {}",
+        losses.summary()
+    );
 }
 
 /// The target's nginx killed with SIGKILL under load and started again on the same port: every
