@@ -1475,8 +1475,10 @@ impl Session {
             }
             self.retries += 1;
             self.alarm = now.add(cx.limits.rto(self.retries));
-            if self.state == State::SynSent {
-                // The route may have been lost with an intercept connection: register again.
+            if self.state == State::SynSent && self.retries == 1 {
+                // The registration may have been lost (a UDP datagram): register once more. A
+                // lost intercept connection is covered by the resync when it comes back, so a
+                // flood of SYNs that are never answered is not registered at every retry.
                 cx.out.register(self.key);
             }
             if self.queue.sent > 0 {

@@ -1207,6 +1207,29 @@ mod tests {
         t.check();
     }
 
+    /// A SYN the target never answers is retransmitted until the session gives up, but its
+    /// route is registered only twice (with the SYN and once more at the first retry): a flood
+    /// of unanswered SYNs does not multiply the control channel's load by the retries.
+    #[test]
+    fn an_unanswered_syn_is_registered_twice_whatever_its_retries() {
+        let mut t = SessionTable::new(small(4));
+        let mut out = Rec::default();
+        syn(&mut t, &mut out, 1, ISN, ms(0));
+        let mut at = 0;
+        while t.get(&key(1)).is_some_and(|s| !s.is_closed()) && at < 120_000 {
+            at += 100;
+            t.run_timers(ms(at), 1024, &mut out);
+        }
+        let syns = out
+            .take()
+            .iter()
+            .filter(|(_, f, _)| f.contains(TcpFlags::SYN))
+            .count();
+        assert!(syns >= 4, "the SYN was retransmitted ({syns} sent)");
+        assert!(t.stats().gave_up >= 1);
+        assert_eq!(out.registered, vec![key(1), key(1)]);
+    }
+
     #[test]
     fn new_sessions_never_evict_one_that_exchanged_data() {
         let mut t = SessionTable::new(SessionConfig {
