@@ -53,6 +53,15 @@ impl Warnings {
         self.lines.push(text);
     }
 
+    /// Warns that each C flag given (`(flag, value, why)`) is accepted and ignored, and why.
+    pub fn ignored(&mut self, flags: &[(&str, Option<&String>, &str)]) {
+        for (flag, value, why) in flags {
+            if let Some(value) = value {
+                self.warn(format!("{flag} {value} ignored: {why}"));
+            }
+        }
+    }
+
     /// What was said so far.
     pub fn lines(&self) -> &[String] {
         &self.lines

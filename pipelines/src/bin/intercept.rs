@@ -131,16 +131,18 @@ fn c_forms(args: &Args, warnings: &mut pipelines::compat::Warnings) -> anyhow::R
             "-t is not a flag of intercept (the C intercept rejects it too): idle routes are forgotten after --route-timeout SECONDS (default 120)"
         );
     }
-    if let Some(n) = &args.delay_buckets {
-        warnings.warn(format!(
-            "-s {n} ignored: replies that arrive before their route wait in a bounded queue sized by intercept itself"
-        ));
-    }
-    if let Some(n) = &args.batch_size {
-        warnings.warn(format!(
-            "-n {n} ignored: batches of records adapt to the load by themselves (as in the C tool after its start)"
-        ));
-    }
+    warnings.ignored(&[
+        (
+            "-s",
+            args.delay_buckets.as_ref(),
+            "replies that arrive before their route wait in a bounded queue sized by intercept itself",
+        ),
+        (
+            "-n",
+            args.batch_size.as_ref(),
+            "batches of records adapt to the load by themselves (as in the C tool after its start)",
+        ),
+    ]);
     Ok(())
 }
 

@@ -497,21 +497,23 @@ fn c_forms(
             }
         }
     }
-    if let Some(rtt) = &args.default_rtt {
-        warnings.warn(format!(
-            "-R {rtt} ignored: it has no effect in the C tcpcopy either; each session's RTT is measured from the target's replies"
-        ));
-    }
-    if let Some(step) = &args.pool_growth {
-        warnings.warn(format!(
-            "-U {step} ignored: the session pool sizes itself; cap tcpcopy's memory with -m MiB"
-        ));
-    }
-    if let Some(snaplen) = &args.snaplen {
-        warnings.warn(format!(
-            "-S {snaplen} ignored: tcpcopy captures whole frames (up to 256 KiB, GRO-merged ones too)"
-        ));
-    }
+    warnings.ignored(&[
+        (
+            "-R",
+            args.default_rtt.as_ref(),
+            "it has no effect in the C tcpcopy either; each session's RTT is measured from the target's replies",
+        ),
+        (
+            "-U",
+            args.pool_growth.as_ref(),
+            "the session pool sizes itself; cap tcpcopy's memory with -m MiB",
+        ),
+        (
+            "-S",
+            args.snaplen.as_ref(),
+            "tcpcopy captures whole frames (up to 256 KiB, GRO-merged ones too)",
+        ),
+    ]);
     if args.transfers.contains('@') {
         warnings.warn(
             "the MAC addresses in -x (the C --pcap-send build's form) are not needed: tcpcopy sends at the IP layer (out of -o INTERFACE if given) and the kernel finds the next hop; to send to a fixed next-hop MAC, use a DPDK port with --next-hop MAC",
