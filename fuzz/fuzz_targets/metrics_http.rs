@@ -1,0 +1,38 @@
+//! The metrics server's request handling (pipelines/src/metrics.rs): the bytes of a request
+//! arriving in chunks the fuzzer chooses, gathered until `head_complete` or the size bound as
+//! the connection thread does, then `parse_request`.
+//!
+//! Input: a chunk size byte (0: one chunk), then the bytes the client sends.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use pipelines::metrics::{head_complete, parse_request, Page, Request};
+use tcpcopy_fuzz::Input;
+
+fuzz_target!(|data: &[u8]| {
+    let mut input = Input::new(data);
+    let chunk = match input.byte() {
+        0 => usize::MAX,
+        n => usize::from(n),
+    };
+    let sent = input.rest();
+    let mut head = Vec::new();
+    for bytes in sent.chunks(chunk) {
+        if head_complete(&head) {
+            break;
+        }
+        head.extend_from_slice(bytes);
+        if head.len() > 8192 {
+            return;
+        }
+    }
+    let Request { page, with_body } = parse_request(&head);
+    let line = String::from_utf8_lossy(&head);
+    let method = line.split_whitespace().next().unwrap_or("");
+    if page != Page::MethodNotAllowed {
+        assert!(method == "GET" || method == "HEAD");
+        assert_eq!(with_body, method == "GET");
+    }
+    // A request line is all that matters: the same head twice says the same.
+    assert_eq!(parse_request(&head), Request { page, with_body });
+});
