@@ -207,6 +207,11 @@ def main():
     ops += bytes([3 * 4 + 3]) + frag_op(7, 8, False, b"z" * 8)
     write("udp_reassembly", "mixed_ihl_and_expiry", ops)
     write("udp_reassembly", "raw_whole", b"\x00" + u16(len(whole)) + whole)
+    # A 60-byte first header and a 20-byte last one: over 64 KiB together (the datagram that
+    # used to wrap its Total Length; see udpcopy's a_datagram_over_64k_... test). Filler ops.
+    over = bytes([2, 77, 10]) + u16(0) + b"\x01" + u16(65472)
+    over += bytes([2, 77, 0]) + u16(65472 // 8) + b"\x00" + u16(40)
+    write("udp_reassembly", "over_64k_mixed_headers", over)
     overlap = frag_op(8, 0, True, payload[:64]) + frag_op(8, 32, True, payload[32:96])
     write("udp_reassembly", "overlap", overlap)
 
