@@ -55,7 +55,6 @@ max_len() {
 mkdir -p fuzz/logs
 failed=0
 printf '\n%-18s %8s %14s %10s %8s\n' target seconds inputs "inputs/s" crashes
-summary=()
 for t in "${targets[@]}"; do
     mkdir -p "fuzz/corpus-work/$t" "fuzz/corpus/$t" "fuzz/seeds/$t" "fuzz/artifacts/$t"
     before=$(find "fuzz/artifacts/$t" -type f | wc -l)
@@ -66,6 +65,9 @@ for t in "${targets[@]}"; do
         -max_total_time="$seconds" -max_len="$(max_len "$t")" -rss_limit_mb=2048 \
         -malloc_limit_mb=512 -timeout=10 -print_final_stats=1 >"$log" 2>&1 || status=$?
     elapsed=$(( $(date +%s) - start ))
+    # libFuzzer's own time ("Done N runs in S second(s)"), else the wall time with the build.
+    fuzzed=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | grep -o '[0-9]* second' | grep -o '[0-9]*' | tail -1)
+    elapsed=${fuzzed:-$elapsed}
     inputs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
     if [ -z "$inputs" ]; then
         # No final stats (a crash): the last status line, "#N ...".
@@ -77,9 +79,7 @@ for t in "${targets[@]}"; do
         crashes=1
     fi
     rate=$(( inputs / (elapsed > 0 ? elapsed : 1) ))
-    line=$(printf '%-18s %8s %14s %10s %8s' "$t" "$elapsed" "$inputs" "$rate" "$crashes")
-    echo "$line"
-    summary+=("$line")
+    printf '%-18s %8s %14s %10s %8s\n' "$t" "$elapsed" "$inputs" "$rate" "$crashes"
     if [ "$crashes" -ne 0 ]; then
         failed=1
         echo "   crash: see $log and fuzz/artifacts/$t/" >&2

@@ -23,8 +23,11 @@ fuzz_target!(|data: &[u8]| {
         if head_complete(&head, scanned) {
             break;
         }
-        // The incremental search agrees with a search of the whole head.
-        assert!(!head_complete(&head, 0));
+        // The incremental search agrees with a search of the whole head (checked on short
+        // heads only: the whole search on every chunk is the quadratic cost being avoided).
+        if head.len() <= 64 {
+            assert!(!head_complete(&head, 0));
+        }
         scanned = head.len();
         head.extend_from_slice(bytes);
         if head.len() > 8192 {
