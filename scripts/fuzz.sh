@@ -85,6 +85,8 @@ for t in "${targets[@]}"; do
         echo "   crash: see $log and fuzz/artifacts/$t/" >&2
     fi
 done
+# pcap_reader's input file (one per fuzzing process).
+rm -f /dev/shm/tcpcopy-fuzz-pcap-*.bin "${TMPDIR:-/tmp}"/tcpcopy-fuzz-pcap-*.bin
 if [ "$failed" -ne 0 ]; then
     echo "fuzz.sh: crashes found" >&2
     exit 1
