@@ -86,8 +86,8 @@ pub struct ReassemblyStats {
     /// Datagrams dropped because two fragments overlapped (other than exact duplicates).
     pub overlaps: u64,
     /// Datagrams (or lone fragments) dropped as malformed: a fragment that is not a multiple
-    /// of 8 bytes while more follow, data beyond the 64 KiB limit or beyond the last fragment,
-    /// two different last fragments.
+    /// of 8 bytes while more follow, data beyond the 64 KiB limit (with the first fragment's
+    /// header) or beyond the last fragment, two different last fragments.
     pub bad: u64,
     /// Datagrams dropped for having more than `max_fragments` fragments.
     pub too_many_fragments: u64,
@@ -268,11 +268,21 @@ impl Reassembler {
             return None;
         }
         let held_end = entry.ranges.last().map_or(0, |r| r.1);
-        let conflict = if more {
-            entry.end.is_some_and(|e| end > e)
+        // The whole datagram must fit 64 KiB with the header of its first fragment, which
+        // may be longer than this fragment's own.
+        let first_header = if offset == 0 {
+            header_len
         } else {
-            entry.end.is_some_and(|e| e != end) || held_end > end
+            entry.header_len
         };
+        let too_long = (if more { entry.end } else { Some(end) })
+            .is_some_and(|e| first_header + e as usize > MAX_IP_PACKET);
+        let conflict = too_long
+            || if more {
+                entry.end.is_some_and(|e| end > e)
+            } else {
+                entry.end.is_some_and(|e| e != end) || held_end > end
+            };
         if conflict {
             self.poison(i, DropReason::Bad);
             return None;
@@ -1483,6 +1493,52 @@ mod tests {
         assert!(r.push(&[0x45, 0, 0], Duration::ZERO).is_none());
         assert_eq!(r.stats().bad, 5);
         assert_eq!(r.stats().reassembled, 0);
+    }
+
+    /// A fragment with the largest header (60 bytes) at offset 0 and a last one with a
+    /// 20-byte header: each fits 65,535 bytes with its own header, the datagram they make
+    /// (first header + 65,512 bytes) does not. Its Total Length used to wrap (to 36) and the
+    /// replay stage then sliced the payload past it and panicked.
+    #[test]
+    fn a_datagram_over_64k_from_mixed_header_lengths_is_bad() {
+        let fragment = |header_len: usize, offset: u16, more: bool, payload: &[u8]| {
+            let total = header_len + payload.len();
+            let mut buf = vec![0u8; total];
+            let mut ip = Ipv4Packet::new_unchecked(&mut buf[..]);
+            ip.set_version_ihl(header_len);
+            ip.set_total_len(total as u16);
+            ip.set_ident(77);
+            ip.set_flags_frag(false, more, offset);
+            ip.set_ttl(64);
+            ip.set_protocol(PROTO_UDP);
+            ip.set_src_addr(CLIENT);
+            ip.set_dst_addr(ONLINE);
+            ip.payload_mut().copy_from_slice(payload);
+            ip.fill_checksum();
+            buf
+        };
+        let mut first_payload = udp_packet(CLIENT, ONLINE, 40000, 5353, &[0xa5; 65_472 - 8]);
+        first_payload.drain(..20);
+        let first = fragment(60, 0, true, &first_payload);
+        let last = fragment(20, 65_472, false, &[0x5a; 40]);
+        let mut r = Reassembler::new(ReassemblyConfig::default());
+        assert!(r.push(&first, Duration::ZERO).is_none());
+        assert!(r.push(&last, Duration::ZERO).is_none());
+        assert_eq!(r.stats().bad, 1);
+        assert_eq!(r.stats().reassembled, 0);
+        // In the other order, and through the whole replay.
+        let mut replay = replay_with(ReplayConfig::default());
+        for f in [&last, &first] {
+            replay.process(f, f.len(), LinkType::RawIp, Duration::ZERO, &mut |_| {
+                panic!("nothing is sent")
+            });
+        }
+        assert_eq!(replay.stats().reassembly.bad, 1);
+        // The same pair with a 20-byte first header is a valid datagram of 65,532 bytes.
+        let first = fragment(20, 0, true, &first_payload);
+        let mut r = Reassembler::new(ReassemblyConfig::default());
+        assert!(r.push(&first, Duration::ZERO).is_none());
+        assert_eq!(r.push(&last, Duration::ZERO).map(|d| d.len()), Some(65_532));
     }
 
     #[test]

@@ -1555,6 +1555,150 @@ mod tests {
             }
         }
 
+        /// Hostile records: a real SYN-ACK record whose IHL and data offset sit anywhere in
+        /// 0..=15, whose Total Length lies (0..=65535), in both sizes. `parse` refuses exactly
+        /// the reference's cases with its error, and what it accepts carries no more option or
+        /// payload bytes than the record holds.
+        #[test]
+        fn lying_record_headers(ihl in 0u8..16, doff in 0u8..16, total in any::<u16>(),
+                                payload_format in any::<bool>(), fill in any::<u8>(),
+                                protocol in prop::sample::select(vec![6u8, 17, 0])) {
+            let len = if payload_format { PAYLOAD_RECORD_LEN } else { HEADER_RECORD_LEN };
+            let mut record = golden_syn_ack_record().to_vec();
+            record.resize(len, fill);
+            record[0] = 0x40 | ihl;
+            record[2..4].copy_from_slice(&total.to_be_bytes());
+            record[9] = protocol;
+            record[RECORD_TCP_OFFSET + 12] = doff << 4;
+            let ihl = usize::from(ihl) * 4;
+            let doff = usize::from(doff) * 4;
+            let expected = if ihl < 20 {
+                Err(CodecError::BadIpHeaderLength(ihl))
+            } else if protocol != 6 {
+                Err(CodecError::NotTcp(protocol))
+            } else if doff < 20 {
+                Err(CodecError::BadTcpHeaderLength(doff))
+            } else {
+                Ok(())
+            };
+            match ResponseHeader::parse(&record) {
+                Ok(h) => {
+                    prop_assert_eq!(expected, Ok(()));
+                    prop_assert_eq!(h.options(), &record[40..20 + doff.min(44)]);
+                    let payload_len = usize::from(total).saturating_sub(ihl + doff);
+                    prop_assert_eq!(usize::from(h.payload_len), payload_len);
+                    let carried = payload_format && (1..=128).contains(&payload_len)
+                        && 20 + doff + payload_len <= len;
+                    prop_assert_eq!(h.payload(), if carried { &record[20 + doff..20 + doff + payload_len] } else { &[][..] });
+                    let _ = (h.timestamps(), h.window_scale(), h.mss(), format!("{h:?}"));
+                }
+                Err(e) => prop_assert_eq!(Err(e), expected),
+            }
+            // Any other size is refused for its size.
+            for cut in [0, 1, 20, 63, 65, 191, 193] {
+                let mut other = record.clone();
+                other.resize(cut, 0);
+                let refused = matches!(ResponseHeader::parse(&other),
+                    Err(CodecError::BadRecordLength { have, .. }) if have == cut);
+                prop_assert!(refused);
+            }
+        }
+
+        /// `encode_record` on captured packets whose IHL, data offset and Total Length lie, cut
+        /// at every byte: refused by reason (the reference below), never a panic.
+        #[test]
+        fn encode_record_refuses_by_reason((p, _, _, _) in arb_packet(), ihl in 0u8..16,
+                                           doff in 0u8..16, total in any::<u16>(),
+                                           payload in any::<bool>()) {
+            let mut p = p;
+            p[0] = 0x40 | ihl;
+            p[2..4].copy_from_slice(&total.to_be_bytes());
+            let ihl = usize::from(ihl) * 4;
+            if p.len() > ihl + 12 {
+                p[ihl + 12] = doff << 4;
+            }
+            let format = if payload { RecordFormat::Payload192 } else { RecordFormat::Header64 };
+            for cut in 0..=p.len() {
+                let buf = &p[..cut];
+                let expected = (|| {
+                    if cut < 20 {
+                        return Err(CodecError::Truncated { need: 20, have: cut });
+                    }
+                    if ihl < 20 {
+                        return Err(CodecError::BadIpHeaderLength(ihl));
+                    }
+                    if cut < ihl + 20 {
+                        return Err(CodecError::Truncated { need: ihl + 20, have: cut });
+                    }
+                    let doff = usize::from(buf[ihl + 12] >> 4) * 4;
+                    if doff < 20 {
+                        return Err(CodecError::BadTcpHeaderLength(doff));
+                    }
+                    if cut < ihl + doff.min(44) {
+                        return Err(CodecError::Truncated { need: ihl + doff.min(44), have: cut });
+                    }
+                    Ok(())
+                })();
+                let mut out = vec![0u8; format.record_len()];
+                prop_assert_eq!(encode_record(buf, format, &mut out), expected);
+                if expected.is_ok() {
+                    prop_assert!(ResponseHeader::parse(&out).is_ok());
+                }
+            }
+        }
+
+        /// A combined stream whose batch counts lie (0, fewer or more records than follow,
+        /// above the maximum), fed in chunks of any size: the decoder delivers exactly what a
+        /// whole-buffer reading of the stream delivers and fails at the same count, typed.
+        #[test]
+        fn lying_batch_counts(batches in proptest::collection::vec((0u16..20, 0usize..4), 1..6),
+                              chunk in 1usize..200, payload in any::<bool>()) {
+            let format = if payload { RecordFormat::Payload192 } else { RecordFormat::Header64 };
+            let record_len = format.record_len();
+            let mut stream = Vec::new();
+            let mut n = 0u8;
+            for (count, records) in batches {
+                stream.extend_from_slice(&count.to_be_bytes());
+                for _ in 0..records {
+                    n = n.wrapping_add(1);
+                    stream.resize(stream.len() + record_len, n);
+                }
+            }
+            // The reference: the whole stream at once.
+            let mut expected = Vec::new();
+            let mut expected_error = None;
+            let mut pos = 0;
+            'stream: while pos + 2 <= stream.len() {
+                let count = u16::from_be_bytes([stream[pos], stream[pos + 1]]);
+                if count == 0 || usize::from(count) > format.max_batch() {
+                    expected_error = Some(CodecError::BadBatchCount { count, max: format.max_batch() });
+                    break;
+                }
+                pos += 2;
+                for _ in 0..count {
+                    if pos + record_len > stream.len() {
+                        break 'stream;
+                    }
+                    expected.push(stream[pos..pos + record_len].to_vec());
+                    pos += record_len;
+                }
+            }
+            let mut decoder = RecordDecoder::new(format, Framing::Combined);
+            let mut got = Vec::new();
+            let mut error = None;
+            for c in stream.chunks(chunk) {
+                if let Err(e) = decoder.feed(c, |r| got.push(r.to_vec())) {
+                    error = Some(e);
+                    break;
+                }
+            }
+            prop_assert_eq!(got, expected);
+            prop_assert_eq!(error, expected_error);
+            if error.is_some() {
+                prop_assert_eq!(decoder.feed(&[0, 1], |_| {}), Err(CodecError::Failed));
+            }
+        }
+
         #[test]
         fn random_records_parse_without_panic(record in proptest::collection::vec(any::<u8>(), 192)) {
             let _ = ResponseHeader::parse(&record).map(|h| (h.timestamps(), h.window_scale(), h.mss()));

@@ -357,7 +357,9 @@ impl<'a> Datagram<'a> {
         self.body.chunks_exact(self.item_len)
     }
 
-    /// The HELLO's Nc, or the HELLO_ACK's `(Ni, Nc)`.
+    /// The HELLO's Nc, or the HELLO_ACK's `(Ni, Nc)`. A datagram of another kind carries no
+    /// nonce: its first body bytes come back, zero-padded (a body shorter than a nonce, such as
+    /// one 14-byte message, is not a reason to panic).
     pub fn nonces(&self) -> ([u8; NONCE_LEN], Option<[u8; NONCE_LEN]>) {
         let mut first = [0u8; NONCE_LEN];
         let n = NONCE_LEN.min(self.body.len());
@@ -797,6 +799,7 @@ impl Keepalive {
 mod tests {
     use super::*;
     use crate::control::auth::Secret;
+    use crate::wire::ethernet::tests::hex;
 
     #[test]
     fn capacities() {
@@ -1068,6 +1071,24 @@ mod tests {
                 expected: true
             }
         );
+    }
+
+    /// Found by the `control_datagram` fuzz target: `nonces` of a MESSAGES datagram with one
+    /// 14-byte message (body shorter than a nonce) panicked in `copy_from_slice`.
+    #[test]
+    fn nonces_of_a_short_body_do_not_panic() {
+        let bytes = hex("5455 0203 0001 0000 0000 0000 0000 0007 2222 2222 2222 2222
+             0000 0000 0000 0002 0a00 0001 9c40 0001 0a00 0002 1f90");
+        let d = Datagram::parse(&bytes, false, RecordFormat::Header64).unwrap();
+        assert_eq!(d.header.kind, DatagramKind::Messages);
+        let (first, second) = d.nonces();
+        assert_eq!(first[..14], bytes[32..]);
+        assert_eq!(first[14..], [0, 0]);
+        assert_eq!(second, None);
+        let empty =
+            hex("5455 0203 0000 0000 0000 0000 0000 0007 2222 2222 2222 2222 0000 0000 0000 0002");
+        let d = Datagram::parse(&empty, false, RecordFormat::Header64).unwrap();
+        assert_eq!(d.nonces(), ([0; NONCE_LEN], None));
     }
 
     #[test]

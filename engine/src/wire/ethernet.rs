@@ -328,6 +328,39 @@ pub(crate) mod tests {
     }
 
     proptest! {
+        /// A real frame with zero to three VLAN tags of either TPID, cut at every byte: refused
+        /// (`Truncated`) exactly when the cut falls inside the header the tags announce.
+        #[test]
+        fn tags_cut_at_every_byte(tags in proptest::collection::vec((any::<bool>(), any::<u16>()), 0..4)) {
+            let mut bytes = hex(SYN_FRAME);
+            for (qinq, tci) in tags {
+                bytes = insert_tag(&bytes, if qinq { ETHERTYPE_QINQ } else { ETHERTYPE_VLAN }, tci);
+            }
+            for cut in 0..=bytes.len() {
+                let buf = &bytes[..cut];
+                let at = |i: usize| u16::from_be_bytes([buf[i], buf[i + 1]]);
+                let need = if cut < 14 || !is_tag(at(12)) {
+                    14
+                } else if cut < 18 || !is_tag(at(16)) {
+                    18
+                } else {
+                    22
+                };
+                match EthernetFrame::new_checked(buf) {
+                    Ok(frame) => {
+                        prop_assert!(cut >= need);
+                        prop_assert_eq!(frame.header_len(), need);
+                        let _ = (frame.ethertype(), frame.vlan_id(), frame.inner_vlan_id());
+                        prop_assert_eq!(frame.payload().len(), cut - need);
+                    }
+                    Err(e) => {
+                        prop_assert_eq!(e, WireError::Truncated);
+                        prop_assert!(cut < need);
+                    }
+                }
+            }
+        }
+
         #[test]
         fn garbage_never_panics(mut bytes in proptest::collection::vec(any::<u8>(), 0..40),
                                 tag in 0usize..3) {

@@ -512,6 +512,56 @@ mod tests {
         assert_eq!(incremental, ip.checksum());
     }
 
+    /// RFC 791's rules, written out independently of `check_len`.
+    fn reference_check(buf: &[u8]) -> Result<(), WireError> {
+        if buf.len() < 20 {
+            return Err(WireError::Truncated);
+        }
+        if buf[0] >> 4 != 4 {
+            return Err(WireError::BadVersion);
+        }
+        let ihl = usize::from(buf[0] & 0x0f) * 4;
+        if !(20..=buf.len()).contains(&ihl) {
+            return Err(WireError::BadHeaderLen);
+        }
+        let total = usize::from(u16::from_be_bytes([buf[2], buf[3]]));
+        if !(ihl..=buf.len()).contains(&total) {
+            return Err(WireError::BadTotalLen);
+        }
+        Ok(())
+    }
+
+    /// Every getter and in-place rewrite of an accepted packet.
+    fn exercise(ip: &Ipv4Packet<&[u8]>) {
+        let _ = (ip.version(), ip.header_len(), ip.dscp_ecn(), ip.total_len());
+        let _ = (
+            ip.ident(),
+            ip.dont_frag(),
+            ip.more_frags(),
+            ip.frag_offset(),
+        );
+        let _ = (
+            ip.ttl(),
+            ip.protocol(),
+            ip.checksum(),
+            ip.src_addr(),
+            ip.dst_addr(),
+        );
+        let _ = (
+            ip.options(),
+            ip.payload(),
+            ip.verify_checksum(),
+            ip.is_fragment(),
+        );
+        let mut copy = ip.into_inner().to_vec();
+        let mut ip = Ipv4Packet::new_checked(&mut copy[..]).unwrap();
+        ip.fill_checksum();
+        ip.rewrite_src_addr(Ipv4Addr::new(192, 0, 2, 1));
+        ip.rewrite_ttl(1);
+        assert!(ip.verify_checksum());
+        let _ = (ip.options_mut().len(), ip.payload_mut().len());
+    }
+
     proptest! {
         #[test]
         fn rewrites_equal_full_recompute(src in any::<u32>(), dst in any::<u32>(), ttl in any::<u8>(),
@@ -527,6 +577,34 @@ mod tests {
             prop_assert!(ip.verify_checksum());
             ip.fill_checksum();
             prop_assert_eq!(incremental, ip.checksum());
+        }
+
+        /// Structurally valid but hostile headers: a real header whose IHL (0..=15) and Total
+        /// Length (up to past the buffer) lie, cut at every byte. `new_checked` refuses exactly
+        /// what the reference rules refuse, with their error, and the getters of what it
+        /// accepts stay inside the buffer.
+        #[test]
+        fn lying_lengths_are_refused_by_reason(ihl in 0u8..16, total_delta in -70i32..70,
+                                               extra in 0usize..48, fill in any::<u8>(),
+                                               frag in any::<u16>()) {
+            let mut bytes = syn_ip();
+            bytes.resize(bytes.len() + extra, fill);
+            bytes[0] = 0x40 | ihl;
+            let total = (usize::from(ihl) * 4) as i32 + 40 + total_delta;
+            bytes[2..4].copy_from_slice(&(total.clamp(0, 0xffff) as u16).to_be_bytes());
+            bytes[6..8].copy_from_slice(&frag.to_be_bytes());
+            for cut in 0..=bytes.len() {
+                let buf = &bytes[..cut];
+                let expected = reference_check(buf);
+                match Ipv4Packet::new_checked(buf) {
+                    Ok(ip) => {
+                        prop_assert_eq!(expected, Ok(()));
+                        exercise(&ip);
+                        prop_assert_eq!(ip.payload().len(), usize::from(ip.total_len()) - ip.header_len());
+                    }
+                    Err(e) => prop_assert_eq!(Err(e), expected),
+                }
+            }
         }
 
         #[test]

@@ -1414,6 +1414,44 @@ mod tests {
             prop_assert_eq!(incremental, tcp.checksum());
         }
 
+        /// Structurally valid but hostile segments: a real header whose data offset (0..=15)
+        /// lies, carrying options of every kind with lying length bytes (0, 1, short, long,
+        /// past the header), cut at every byte. `new_checked` refuses exactly what an
+        /// independent reading of RFC 9293 refuses, with its error; what it accepts survives
+        /// every getter and rewrite.
+        #[test]
+        fn hostile_options_are_refused_by_reason(
+            doff in 0u8..16,
+            options in proptest::collection::vec(
+                (prop::sample::select(vec![0u8, 1, 2, 3, 4, 5, 8, 30, 254]), 0u8..48, any::<u8>()),
+                0..8),
+            payload in 0usize..24,
+        ) {
+            let mut bytes = tcp_of(SYN_FRAME)[..20].to_vec();
+            bytes[12] = doff << 4;
+            let mut area = Vec::new();
+            for (kind, len, fill) in options {
+                area.push(kind);
+                if kind > 1 {
+                    area.push(len);
+                    area.resize(area.len() + usize::from(len).saturating_sub(2), fill);
+                }
+            }
+            area.resize(40, 1);
+            let header_len = (usize::from(doff) * 4).max(20);
+            bytes.extend_from_slice(&area[..header_len - 20]);
+            bytes.extend((0..payload).map(|i| i as u8));
+            for cut in 0..=bytes.len() {
+                let buf = &bytes[..cut];
+                let expected = reference_check(buf);
+                match TcpPacket::new_checked(buf) {
+                    Ok(_) => prop_assert_eq!(expected, Ok(())),
+                    Err(e) => prop_assert_eq!(Err(e), expected),
+                }
+                exercise(buf);
+            }
+        }
+
         #[test]
         fn garbage_never_panics(mut bytes in proptest::collection::vec(any::<u8>(), 0..80),
                                 offset in 5u8..16) {
@@ -1435,6 +1473,36 @@ mod tests {
             exercise(&seg[..cut]);
             exercise(&seg);
         }
+    }
+
+    /// RFC 9293's header rules, written out independently of `check_len`.
+    fn reference_check(buf: &[u8]) -> Result<(), WireError> {
+        if buf.len() < 20 {
+            return Err(WireError::Truncated);
+        }
+        let header_len = usize::from(buf[12] >> 4) * 4;
+        if !(20..=buf.len()).contains(&header_len) {
+            return Err(WireError::BadDataOffset);
+        }
+        let options = &buf[20..header_len];
+        let mut i = 0;
+        while i < options.len() {
+            match options[i] {
+                0 => break,
+                1 => i += 1,
+                _ => {
+                    let Some(&len) = options.get(i + 1) else {
+                        return Err(WireError::BadOption);
+                    };
+                    let len = usize::from(len);
+                    if len < 2 || i + len > options.len() {
+                        return Err(WireError::BadOption);
+                    }
+                    i += len;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs every getter and in-place mutator on a copy of `bytes` if it is accepted.

@@ -302,6 +302,39 @@ mod tests {
             prop_assert_eq!(udp.payload(), &payload[..]);
         }
 
+        /// A real datagram whose length field lies (0 to past the buffer), with trailing
+        /// padding, cut at every byte: refused exactly when the reference rules say, by
+        /// reason; the payload of what is accepted is what the length field delimits.
+        #[test]
+        fn lying_length_is_refused_by_reason(len in 0u16..120, extra in 0usize..24) {
+            let mut bytes = hex(DNS_FRAME)[34..].to_vec();
+            bytes.resize(bytes.len() + extra, 0xee);
+            bytes[4..6].copy_from_slice(&len.to_be_bytes());
+            for cut in 0..=bytes.len() {
+                let buf = &bytes[..cut];
+                let expected = if cut < HEADER_LEN {
+                    Err(WireError::Truncated)
+                } else if !(HEADER_LEN..=cut).contains(&usize::from(len)) {
+                    Err(WireError::BadUdpLen)
+                } else {
+                    Ok(())
+                };
+                match UdpPacket::new_checked(buf) {
+                    Ok(udp) => {
+                        prop_assert_eq!(expected, Ok(()));
+                        prop_assert_eq!(udp.payload().len(), usize::from(len) - HEADER_LEN);
+                        let _ = (udp.src_port(), udp.dst_port(), udp.checksum());
+                        let _ = udp.verify_checksum(CLIENT, SERVER);
+                        let mut copy = buf.to_vec();
+                        let mut udp = UdpPacket::new_checked(&mut copy[..]).unwrap();
+                        udp.fill_checksum(CLIENT, SERVER);
+                        prop_assert!(udp.verify_checksum(CLIENT, SERVER));
+                    }
+                    Err(e) => prop_assert_eq!(Err(e), expected),
+                }
+            }
+        }
+
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
             if let Ok(udp) = UdpPacket::new_checked(&bytes[..]) {

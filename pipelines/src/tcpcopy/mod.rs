@@ -1027,7 +1027,7 @@ impl Worker {
 }
 
 /// Converts a decoded reply record into the session engine's input.
-fn to_response(h: &engine::control::ResponseHeader) -> Response {
+pub fn to_response(h: &engine::control::ResponseHeader) -> Response {
     Response {
         key: h.flow_key(),
         seq: SeqNum(h.seq),
