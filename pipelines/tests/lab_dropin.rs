@@ -267,11 +267,13 @@ fn logged(server: &Nginx, prefixes: &[&str]) -> Vec<String> {
 /// Waits until each online server logged its `expected` paths (nginx logs after answering),
 /// then until the target holds as many paths of those prefixes and has stayed unchanged for
 /// 2 s (so late duplicates show); then asserts that every expected path reached the target
-/// exactly once and nothing else did. Returns the number of requests the target logged.
+/// exactly once and nothing else did, but for at most `may_miss` missing paths (none but
+/// where the caller says why). Returns the number of requests the target logged.
 fn assert_each_once(
     onlines: &[(&Nginx, &BTreeSet<String>)],
     target: &Nginx,
     prefixes: &[&str],
+    may_miss: &dyn Fn() -> usize,
     logs: &dyn Fn() -> String,
 ) -> usize {
     let mut want = BTreeSet::new();
@@ -300,8 +302,12 @@ fn assert_each_once(
         .collect();
     let doubled: Vec<(&String, &usize)> = at_target.iter().filter(|(_, n)| **n > 1).collect();
     let foreign: Vec<&String> = at_target.keys().filter(|p| !want.contains(*p)).collect();
+    let may_miss = may_miss();
     assert!(
-        missing.is_empty() && doubled.is_empty() && foreign.is_empty() && seen == want.len(),
+        missing.len() <= may_miss
+            && doubled.is_empty()
+            && foreign.is_empty()
+            && seen + missing.len() == want.len(),
         "the target logged {seen} of {} requests; {} paths missing (e.g. {:?}), {} more than \
          once (e.g. {:?}), {} not sent (e.g. {:?})\n{}",
         want.len(),
@@ -373,7 +379,13 @@ fn usage_note_lines(tcpcopy_extra: &[&str]) -> usize {
             tcpcopy.line, tcpcopy.pid, intercept.line, intercept.pid
         )
     };
-    let seen = assert_each_once(&[(&online, &expected)], &target, &["/vc/", "/vk/"], &logs);
+    let seen = assert_each_once(
+        &[(&online, &expected)],
+        &target,
+        &["/vc/", "/vk/"],
+        &|| 0,
+        &logs,
+    );
     assert_eq!(
         target_connections(&target, "/vk/"),
         20,
@@ -401,7 +413,13 @@ fn intercept_daemon_with_only_i_and_f() {
     let mut expected = paths("/dc/", 500);
     expected.extend(paths("/dk/", 500));
     let log = || tcpcopy.log();
-    assert_each_once(&[(&online, &expected)], &target, &["/dc/", "/dk/"], &log);
+    assert_each_once(
+        &[(&online, &expected)],
+        &target,
+        &["/dc/", "/dk/"],
+        &|| 0,
+        &log,
+    );
     let stats = final_line(&mut tcpcopy);
     assert!(counter(&stats, "created") >= 510, "{stats}");
     assert!(counter(&stats, "replies") > 0, "{stats}");
@@ -476,6 +494,7 @@ fn two_online_hosts_into_one_target() {
         &[(&online1, &expected[0]), (&online2, &expected[1])],
         &target,
         &["/o1c/", "/o1k/", "/o2c/", "/o2k/"],
+        &|| 0,
         &logs,
     );
     // Nothing else reached either server: the target's whole log is the sum of theirs.
@@ -647,7 +666,26 @@ fn replay_once_each(
     let mut expected = paths(&close, 500);
     expected.extend(paths(&keep, 500));
     let log = || format!("{name}: tcpcopy {args:?}\n{}", tcpcopy.log());
-    assert_each_once(&[(online, &expected)], target, &[&close, &keep], &log);
+    // What this test is about is duplicates. A client that reuses a port while the replay of
+    // the connection that had it is still in its handshake (the client closes in a millisecond,
+    // the replay waits for the target's SYN-ACK through intercept) makes tcpcopy reset that
+    // replay, and its request is lost (counted in port-reuse-reset; seen once in five runs):
+    // as many paths may be missing, never more, and none may arrive twice.
+    let reuse_resets = || {
+        tcpcopy
+            .log()
+            .lines()
+            .rev()
+            .find(|l| l.contains("port-reuse-reset"))
+            .map_or(0, |l| counter(l, "port-reuse-reset") as usize)
+    };
+    assert_each_once(
+        &[(online, &expected)],
+        target,
+        &[&close, &keep],
+        &reuse_resets,
+        &log,
+    );
     let client_retransmits = lab
         .net_counter(Host::Client, "Tcp", "RetransSegs")
         .expect("client RetransSegs")
