@@ -209,6 +209,20 @@ pub fn check_range<T: PartialOrd + Display>(
     }))
 }
 
+/// `--stats-interval` (both tools) against its range.
+///
+/// # Errors
+/// Above [`MAX_STATS_INTERVAL`].
+pub fn check_stats_interval(seconds: u64) -> Result<(), Box<RangeError>> {
+    check_range(
+        "--stats-interval",
+        seconds,
+        0..=MAX_STATS_INTERVAL,
+        "the statistics interval in seconds (0: only at exit)",
+        "5",
+    )
+}
+
 /// Names the YAML key of `config` that set the flag of `error`, when the command line did not
 /// give that flag (its value then came from the file).
 pub fn name_yaml_key<A: clap::CommandFactory, F: crate::config::ConfigFile>(

@@ -1419,12 +1419,22 @@ mod tests {
         assert_eq!(r.stats().reassembled, 1);
     }
 
-    /// A fragment of `payload` bytes at byte `offset`, ident 99.
+    /// A fragment of `payload` bytes at byte `offset`, ident 99, with a 20-byte header.
     fn raw_fragment(offset: u16, more: bool, payload: &[u8]) -> Vec<u8> {
-        let total = 20 + payload.len();
+        raw_fragment_with_header(20, offset, more, payload)
+    }
+
+    /// [`raw_fragment`] with a header of `header_len` bytes (20..=60).
+    fn raw_fragment_with_header(
+        header_len: usize,
+        offset: u16,
+        more: bool,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let total = header_len + payload.len();
         let mut buf = vec![0u8; total];
         let mut ip = Ipv4Packet::new_unchecked(&mut buf[..]);
-        ip.set_version_ihl(20);
+        ip.set_version_ihl(header_len);
         ip.set_total_len(total as u16);
         ip.set_ident(99);
         ip.set_flags_frag(false, more, offset);
@@ -1501,22 +1511,7 @@ mod tests {
     /// replay stage then sliced the payload past it and panicked.
     #[test]
     fn a_datagram_over_64k_from_mixed_header_lengths_is_bad() {
-        let fragment = |header_len: usize, offset: u16, more: bool, payload: &[u8]| {
-            let total = header_len + payload.len();
-            let mut buf = vec![0u8; total];
-            let mut ip = Ipv4Packet::new_unchecked(&mut buf[..]);
-            ip.set_version_ihl(header_len);
-            ip.set_total_len(total as u16);
-            ip.set_ident(77);
-            ip.set_flags_frag(false, more, offset);
-            ip.set_ttl(64);
-            ip.set_protocol(PROTO_UDP);
-            ip.set_src_addr(CLIENT);
-            ip.set_dst_addr(ONLINE);
-            ip.payload_mut().copy_from_slice(payload);
-            ip.fill_checksum();
-            buf
-        };
+        let fragment = raw_fragment_with_header;
         let mut first_payload = udp_packet(CLIENT, ONLINE, 40000, 5353, &[0xa5; 65_472 - 8]);
         first_payload.drain(..20);
         let first = fragment(60, 0, true, &first_payload);

@@ -148,7 +148,7 @@ fn c_forms(args: &Args, warnings: &mut pipelines::compat::Warnings) -> anyhow::R
 
 /// Every numeric flag (and so every YAML key behind one) against its documented range.
 fn check_numbers(args: &Args) -> Result<(), Box<pipelines::compat::RangeError>> {
-    use pipelines::compat::{check_range, MAX_SECONDS, MAX_STATS_INTERVAL};
+    use pipelines::compat::{check_range, MAX_SECONDS};
     check_range(
         "--route-timeout",
         args.route_timeout,
@@ -156,13 +156,7 @@ fn check_numbers(args: &Args) -> Result<(), Box<pipelines::compat::RangeError>> 
         "the idle route timeout in seconds",
         "120",
     )?;
-    check_range(
-        "--stats-interval",
-        args.stats_interval,
-        0..=MAX_STATS_INTERVAL,
-        "the statistics interval in seconds (0: only at exit)",
-        "5",
-    )?;
+    pipelines::compat::check_stats_interval(args.stats_interval)?;
     Ok(())
 }
 

@@ -531,7 +531,7 @@ fn c_forms(
 
 /// Every numeric flag (and so every YAML key behind one) against its documented range.
 fn check_numbers(args: &Args) -> Result<(), Box<pipelines::compat::RangeError>> {
-    use compat::{check_range, MAX_MILLISECONDS, MAX_SECONDS, MAX_STATS_INTERVAL};
+    use compat::{check_range, MAX_MILLISECONDS, MAX_SECONDS};
     check_range(
         "-t",
         args.timeout,
@@ -589,13 +589,7 @@ fn check_numbers(args: &Args) -> Result<(), Box<pipelines::compat::RangeError>> 
         "the pacing silence in milliseconds",
         "100",
     )?;
-    check_range(
-        "--stats-interval",
-        args.stats_interval,
-        0..=MAX_STATS_INTERVAL,
-        "the statistics interval in seconds (0: only at exit)",
-        "5",
-    )?;
+    pipelines::compat::check_stats_interval(args.stats_interval)?;
     check_range(
         "-I",
         args.idle_gap_ms,

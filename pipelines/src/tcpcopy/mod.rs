@@ -812,11 +812,10 @@ impl Worker {
                     self.shed(now, request)?;
                 }
             }
-            if shared
-                .resync
-                .get(self.id)
-                .is_some_and(|flag| flag.swap(false, Ordering::AcqRel))
-            {
+            if shared.resync.get(self.id).is_some_and(|flag| {
+                // A plain load every round; the read-modify-write only when it is set.
+                flag.load(Ordering::Relaxed) && flag.swap(false, Ordering::AcqRel)
+            }) {
                 self.resync_keys.clear();
                 self.table.open_keys(&mut self.resync_keys);
             }
